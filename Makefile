@@ -1,0 +1,44 @@
+# One virtual environment per megatron-core version. `make demo` and `make test` work on a fresh
+# machine that has only Python 3.11+ and pip.
+PYTHON ?= python3
+VENV ?= .venv
+VENV19 ?= .venv-mcore019
+PYTEST_ARGS ?=
+# torch is installed first and pinned, so nothing later pulls another build.
+TORCH ?= torch==2.13.0
+
+.PHONY: install demo test test-mcore019 ci clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q $(TORCH)
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(VENV)/bin/folding mesh --world-size 128 --tp 2 --pp 8 --ep 8 --etp 1 --num-experts 8
+
+test: install
+	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+# megatron-core 0.19.x declares Python >= 3.12; on 3.11 it installs without its metadata checks,
+# with what it needs added by hand (its MoE package imports triton, which imports without a GPU).
+$(VENV19)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV19)
+	$(VENV19)/bin/pip install -q --upgrade pip
+	$(VENV19)/bin/pip install -q $(TORCH)
+	$(VENV19)/bin/pip install -q numpy scipy pyyaml matplotlib tqdm packaging einops triton pytest pytest-timeout
+	$(VENV19)/bin/pip install -q --no-deps --ignore-requires-python megatron-core==0.19.2
+	$(VENV19)/bin/pip install -q --no-deps -e .
+	touch $@
+
+test-mcore019: $(VENV19)/.installed
+	$(VENV19)/bin/python -m pytest -q -m megatron $(PYTEST_ARGS)
+
+ci: test test-mcore019
+
+clean:
+	rm -rf $(VENV) $(VENV19)

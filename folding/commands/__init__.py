@@ -1,0 +1,1 @@
+"""Subcommands of the ``folding`` command line, one module each."""

@@ -1,0 +1,57 @@
+"""Arguments and output helpers shared by several subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from folding.mesh import DEFAULT_ORDER, FoldingSpec
+
+
+def add_folding_arguments(parser: argparse.ArgumentParser, world_size_default=None) -> None:
+    """The folding flags: the same on every command that takes a folding."""
+    g = parser.add_argument_group("folding")
+    g.add_argument("--world-size", type=int, default=world_size_default, help="number of ranks")
+    g.add_argument("--tp", type=int, default=1, help="attention tensor parallel size")
+    g.add_argument("--cp", type=int, default=1, help="attention context parallel size")
+    g.add_argument("--dp", type=int, help="attention data parallel size (derived if left out)")
+    g.add_argument("--pp", type=int, default=1, help="pipeline parallel size (shared)")
+    g.add_argument("--vpp", type=int, help="virtual pipeline stages per rank")
+    g.add_argument("--etp", type=int, help="expert tensor parallel size (default: TP)")
+    g.add_argument("--ep", type=int, default=1, help="expert parallel size")
+    g.add_argument("--edp", type=int, help="expert data parallel size (derived if left out)")
+    g.add_argument("--gpus-per-node", type=int, default=8, help="ranks per node")
+    g.add_argument("--num-experts", type=int, help="experts per MoE layer (checks EP)")
+    g.add_argument("--order", default=DEFAULT_ORDER, help="Megatron rank order, fastest first")
+
+
+def folding_from_args(args: argparse.Namespace, **model) -> FoldingSpec:
+    """Build and validate the folding named by ``add_folding_arguments`` flags.
+
+    ``model`` adds model facts (num_layers, num_attention_heads, ...) to check against.
+    """
+    if getattr(args, "num_experts", None) is not None:
+        model.setdefault("num_experts", args.num_experts)
+    return FoldingSpec(world_size=args.world_size, tp=args.tp, cp=args.cp, dp=args.dp,
+                       pp=args.pp, vpp=args.vpp, etp=args.etp, ep=args.ep, edp=args.edp,
+                       order=args.order, gpus_per_node=args.gpus_per_node, **model)
+
+
+def add_json_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+
+
+def emit_json(obj: Any) -> None:
+    json.dump(obj, sys.stdout, sort_keys=False)
+    sys.stdout.write("\n")
+
+
+def format_table(headers, rows) -> str:
+    """A plain aligned text table."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

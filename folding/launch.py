@@ -1,0 +1,144 @@
+"""Spawn local ranks with gloo and make sure a failure anywhere stops everyone.
+
+``run_ranks(fn, world_size, *args)`` starts one process per rank, initialises a gloo default
+process group in each, calls ``fn(rank, world_size, *args)`` and returns the results in rank
+order. The parent watches every child: when one raises, is killed or exits without a result, the
+others are terminated at once (they may be blocked in a collective that will never complete) and
+``RankFailed`` names the rank that failed first and why.
+"""
+
+from __future__ import annotations
+
+import os
+import queue as queue_module
+import signal
+import socket
+import time
+import traceback
+from datetime import timedelta
+from typing import Any, Callable, List, Optional
+
+import torch.multiprocessing as mp
+
+from folding.errors import FoldingError
+
+
+class RankFailed(FoldingError):
+    """A spawned rank raised, died or stopped answering; ``rank`` names it."""
+
+    def __init__(self, rank: int, reason: str, details: str = ""):
+        self.rank, self.reason, self.details = rank, reason, details
+        super().__init__(f"rank {rank} failed: {reason}; the other ranks were stopped")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, threads: int, fn: Callable, args: tuple,
+            results, collective_timeout_s: float) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    torch.set_num_threads(threads)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=collective_timeout_s))
+        result = fn(rank, world_size, *args)
+        results.put(("ok", rank, result))
+    except BaseException as e:  # noqa: BLE001 - every failure must reach the parent
+        summary = str(e).splitlines()[0] if str(e) else ""
+        results.put(("error", rank, f"{type(e).__name__}: {summary}", traceback.format_exc()))
+    finally:
+        try:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - peers may already be gone
+            pass
+
+
+def _stop(processes) -> None:
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + 5
+    for p in processes:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            os.kill(p.pid, signal.SIGKILL)
+            p.join()
+
+
+# Errors a rank sees when a peer is gone: symptoms, not causes.
+_PEER_SYMPTOMS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                  "Timed out", "timed out", "Connection refused")
+
+
+def _first_failure(item, processes, results, done) -> RankFailed:
+    """Decide which rank caused the failure: a rank that died beats a rank that merely lost a
+    peer; among errors, a real exception beats a broken connection."""
+    errors = [item] if item is not None else []
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:  # collect what else happened around the same moment
+        try:
+            extra = results.get(timeout=0.1)
+        except queue_module.Empty:
+            continue
+        if extra[0] == "ok":
+            done[extra[1]] = extra[2]
+        else:
+            errors.append(extra)
+    reported = {e[1] for e in errors}
+    for rank, p in enumerate(processes):
+        code = p.exitcode
+        if rank not in done and rank not in reported and code not in (None, 0):
+            why = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
+            return RankFailed(rank, f"{why} without a result")
+    causes = [e for e in errors if not any(s in e[2] for s in _PEER_SYMPTOMS)] or errors
+    first = min(causes, key=lambda e: e[1])
+    return RankFailed(first[1], first[2], first[3])
+
+
+def run_ranks(fn: Callable, world_size: int, *args: Any, timeout_s: Optional[float] = None,
+              threads_per_rank: Optional[int] = None, collective_timeout_s: float = 600) -> List[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` local gloo ranks.
+
+    ``fn`` must be importable (a module-level function) and return something picklable.
+    ``timeout_s`` bounds the whole run; on expiry every rank is stopped and RankFailed names the
+    lowest rank still running.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
+    processes = [ctx.Process(target=_worker, daemon=True,
+                             args=(r, world_size, port, threads, fn, args, results,
+                                   collective_timeout_s))
+                 for r in range(world_size)]
+    for p in processes:
+        p.start()
+    done: dict = {}
+    start = time.monotonic()
+    try:
+        while len(done) < world_size:
+            try:
+                item = results.get(timeout=0.2)
+            except queue_module.Empty:
+                item = None
+            if item is not None and item[0] == "ok":
+                done[item[1]] = item[2]
+                continue
+            # A clean exit (status 0) always posts its result first, so only others are failures.
+            died = [r for r, p in enumerate(processes) if r not in done and p.exitcode not in (None, 0)]
+            if item is not None or died:
+                raise _first_failure(item, processes, results, done)
+            if timeout_s is not None and time.monotonic() - start > timeout_s:
+                waiting = min(r for r in range(world_size) if r not in done)
+                raise RankFailed(waiting, f"no result after {timeout_s:.0f} s")
+    finally:
+        _stop(processes)
+    return [done[r] for r in range(world_size)]

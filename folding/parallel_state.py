@@ -1,0 +1,121 @@
+"""Create the folded process groups through Megatron-Core and check them against ``folding.mesh``.
+
+``initialize(spec)`` runs on every rank of an already initialised default process group (NCCL or
+gloo). It calls megatron-core's ``parallel_state.initialize_model_parallel`` and then compares,
+on every rank, each group Megatron holds with the group ``FoldingSpec`` computed in pure Python.
+All ranks agree on the verdict before anyone raises, so a mismatch stops every rank instead of
+leaving some waiting in a collective.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Tuple
+
+import torch
+
+from folding.errors import FoldingError
+from folding.mesh import FoldingSpec
+
+
+class MeshMismatch(RuntimeError):
+    """Megatron built a group that differs from the pure-Python mesh."""
+
+
+def _megatron_group_getters() -> Dict[Tuple[str, str], Callable]:
+    from megatron.core import parallel_state as ps
+
+    return {
+        ("attention", "tp"): ps.get_tensor_model_parallel_group,
+        ("attention", "cp"): ps.get_context_parallel_group,
+        ("attention", "dp"): lambda: ps.get_data_parallel_group(with_context_parallel=False),
+        ("attention", "pp"): ps.get_pipeline_model_parallel_group,
+        ("attention", "tp_cp"): ps.get_tensor_and_context_parallel_group,
+        ("attention", "dp_cp"): lambda: ps.get_data_parallel_group(with_context_parallel=True),
+        ("moe", "etp"): ps.get_expert_tensor_parallel_group,
+        ("moe", "ep"): ps.get_expert_model_parallel_group,
+        ("moe", "edp"): ps.get_expert_data_parallel_group,
+        ("moe", "etp_ep"): ps.get_expert_tensor_and_model_parallel_group,
+    }
+
+
+def megatron_groups_of_this_rank() -> Dict[Tuple[str, str], List[int]]:
+    """The ranks of every group Megatron's parallel_state holds for the calling rank."""
+    out = {}
+    for key, getter in _megatron_group_getters().items():
+        group = getter()
+        out[key] = torch.distributed.get_process_group_ranks(group)
+    return out
+
+
+def compare_with_megatron(spec: FoldingSpec, rank: int,
+                          megatron_groups: Dict[Tuple[str, str], List[int]]) -> List[str]:
+    """One message per group of ``rank`` where Megatron and the pure-Python mesh differ."""
+    problems = []
+    for (mesh, kind), ranks in megatron_groups.items():
+        expected = spec.group_of(rank, mesh, kind)
+        if list(ranks) != expected:
+            problems.append(f"rank {rank}: Megatron's {mesh} {kind} group is {list(ranks)}, "
+                            f"the folded mesh says {expected}")
+    return problems
+
+
+def initialize(spec: FoldingSpec, **megatron_kwargs) -> None:
+    """Build Megatron's model-parallel groups for ``spec`` and verify them, on every rank.
+
+    Extra keyword arguments go to ``initialize_model_parallel`` unchanged.
+    """
+    from megatron.core import parallel_state as ps
+
+    if not torch.distributed.is_initialized():
+        raise FoldingError("initialize() needs torch.distributed.init_process_group() first")
+    world = torch.distributed.get_world_size()
+    if world != spec.world_size:
+        raise FoldingError(f"the folding is for world_size={spec.world_size}, but the process "
+                           f"group has {world} ranks")
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=spec.tp,
+        pipeline_model_parallel_size=spec.pp,
+        virtual_pipeline_model_parallel_size=spec.vpp,
+        context_parallel_size=spec.cp,
+        expert_model_parallel_size=spec.ep,
+        expert_tensor_parallel_size=spec.etp,
+        order=spec.order,
+        **megatron_kwargs,
+    )
+    rank = torch.distributed.get_rank()
+    problems = compare_with_megatron(spec, rank, megatron_groups_of_this_rank())
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    failed = torch.tensor([len(problems)], device=device)
+    torch.distributed.all_reduce(failed)
+    if problems:
+        raise MeshMismatch("; ".join(problems))
+    if failed.item():
+        raise MeshMismatch(f"rank {rank}: Megatron's groups differ from the folded mesh on "
+                           f"{int(failed.item())} group(s) of other ranks")
+
+
+def _initialize_and_report(rank: int, world_size: int, specs: List[FoldingSpec]) -> List[int]:
+    """Rank body of ``check_on_gloo``: initialise and verify each folding in turn."""
+    from megatron.core import parallel_state as ps
+
+    checked = []
+    for spec in specs:
+        initialize(spec)
+        checked.append(len(megatron_groups_of_this_rank()))
+        ps.destroy_model_parallel()
+    return checked
+
+
+def check_on_gloo(specs: List[FoldingSpec], timeout_s: float = 600) -> int:
+    """Spawn local gloo ranks and run ``initialize`` for each folding (all of one world size).
+
+    Returns the number of (rank, group) pairs checked; raises RankFailed naming the first rank
+    whose Megatron groups differ from the folded mesh.
+    """
+    from folding.launch import run_ranks
+
+    worlds = {s.world_size for s in specs}
+    if len(worlds) != 1:
+        raise FoldingError(f"check_on_gloo takes foldings of one world size, got {sorted(worlds)}")
+    results = run_ranks(_initialize_and_report, worlds.pop(), specs, timeout_s=timeout_s)
+    return sum(sum(r) for r in results)
