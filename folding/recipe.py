@@ -88,6 +88,26 @@ class ModelArch:
     """MLA: value head dimension."""
     mtp_num_layers: Optional[int] = None
     """Multi-token-prediction layers (DeepSeek-V3)."""
+    add_qkv_bias: bool = False
+    """Biases on the query/key/value projection only (Qwen2)."""
+    moe_shared_expert_gate: bool = False
+    """A sigmoid gate (one weight vector) scales the shared experts' output (Qwen2-MoE)."""
+    moe_router_topk_scaling_factor: Optional[float] = None
+    """Factor applied to the routing weights after top-k (DeepSeek-V3: 2.5)."""
+    moe_router_num_groups: Optional[int] = None
+    """Group-limited routing: expert groups per MoE layer (DeepSeek-V3: 8)."""
+    moe_router_group_topk: Optional[int] = None
+    """Group-limited routing: groups each token may use (DeepSeek-V3: 4)."""
+    moe_router_enable_expert_bias: bool = False
+    """Auxiliary-loss-free balancing with a per-expert bias (DeepSeek-V3)."""
+    norm_epsilon: float = 1e-5
+    """Epsilon of the normalisation layers."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities (Megatron's own default is 0.1; MoE recipes use 0)."""
+    hidden_dropout: float = 0.0
+    """Dropout on the residual branches (Megatron's own default is 0.1; MoE recipes use 0)."""
+    make_vocab_size_divisible_by: int = 128
+    """Megatron pads the vocabulary to a multiple of this times TP."""
 
     @property
     def expert_ffn_hidden_size(self) -> int:
@@ -158,6 +178,10 @@ class TrainingSetup:
     """Which tokens an over-full expert drops: probs (lowest routing weight) or position."""
     moe_pad_expert_input_to_capacity: bool = False
     """Pad every expert's input to its capacity."""
+    overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient reduction with the backward pass (GPU)."""
+    overlap_param_gather: bool = False
+    """Overlap the distributed optimizer's parameter all-gather with the forward pass (GPU)."""
     log_interval: int = 10
     """Steps between log lines."""
     seed: int = 1234

@@ -1,0 +1,15 @@
+"""Cost models: what a folding costs before it is launched.
+
+One module per concern, all pure computation:
+
+- ``parameters``: which parameter tensors each rank holds (names and shapes as Megatron builds
+  them), split into dense, expert and embedding kinds.
+- ``flops``: FLOPs per iteration, Megatron's convention and other labelled conventions.
+- ``memory``: bytes per rank: parameters, gradients, optimizer states, activations, dispatcher
+  buffers.
+- ``hardware``: GPU profiles (peak rates, bandwidths) with their public sources.
+- ``comm``: alpha-beta times of the collectives and how far each group reaches across nodes.
+- ``planner``: enumerate legal foldings, drop those that do not fit, rank by predicted step time.
+- ``mfu_log``: read Megatron training logs and recompute throughput and MFU.
+- ``megatron_flags``: a recipe as pretrain_gpt.py flags.
+"""
