@@ -301,10 +301,12 @@ def attention_activation_bytes(arch: ModelArch, shape: TokenShape, spec: Folding
         v_dim = n * arch.v_head_dim
         # low-rank latents feed the up-projections and stay whole on each TP rank
         latents = T * ((arch.q_lora_rank or 0) + arch.kv_lora_rank) * a
+        value_head_dim = arch.v_head_dim
     else:
         q_dim = n * arch.head_dim
         k_dim = v_dim = arch.query_groups * arch.head_dim
         latents = 0
+        value_head_dim = arch.head_dim
     out = _norm_bytes(arch, t, a)               # input norm
     out += t * h * a + latents                   # QKV input (kept sequence-sharded)
     heads_local = n // tp
@@ -320,7 +322,7 @@ def attention_activation_bytes(arch: ModelArch, shape: TokenShape, spec: Folding
         cast = options.attention_softmax_in_fp32 and a != 4
         dropout = arch.attention_dropout > 0
         out += scores * (softmax + (a if cast or dropout else 0) + (1 if dropout else 0))
-    out += T * v_dim // tp * a                   # attention output = output projection input
+    out += T * n * value_head_dim // tp * a      # attention output = output projection input
     if arch.hidden_dropout > 0:
         out += t * h                             # residual dropout mask
     return out
