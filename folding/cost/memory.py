@@ -385,6 +385,41 @@ def dispatcher_buffer_bytes(arch: ModelArch, training: TrainingSetup, spec: Fold
     return (2 * shape.sp_tokens * arch.moe_router_topk + 3 * shape.expert_tokens) * arch.hidden_size * a
 
 
+class ActivationModel:
+    """Activation bytes of one architecture and training setup, memoised per split.
+
+    Layer activations depend on the folding only through TP, CP, ETP, EP and sequence
+    parallelism; the planner asks for thousands of foldings, so each combination is computed once.
+    """
+
+    def __init__(self, arch: ModelArch, training: TrainingSetup,
+                 options: ActivationOptions = ActivationOptions()):
+        self.arch, self.training, self.options = arch, training, options
+        self._cache: Dict[tuple, int] = {}
+
+    def _key(self, what: str, spec: FoldingSpec, mbs: int, *extra) -> tuple:
+        return (what, spec.tp, spec.cp, spec.etp, spec.ep, spec.sequence_parallel, mbs) + extra
+
+    def layer(self, spec: FoldingSpec, is_moe: bool, mbs: int, recompute: str) -> int:
+        key = self._key("layer", spec, mbs, is_moe, recompute)
+        if key not in self._cache:
+            self._cache[key] = layer_activation_bytes(self.arch, self.training, spec, is_moe,
+                                                      self.options, mbs, recompute)
+        return self._cache[key]
+
+    def dispatcher(self, spec: FoldingSpec, mbs: int) -> int:
+        key = self._key("dispatcher", spec, mbs)
+        if key not in self._cache:
+            self._cache[key] = dispatcher_buffer_bytes(self.arch, self.training, spec, self.options, mbs)
+        return self._cache[key]
+
+    def shape(self, spec: FoldingSpec, mbs: int) -> TokenShape:
+        key = self._key("shape", spec, mbs)
+        if key not in self._cache:
+            self._cache[key] = token_shape(self.arch, self.training, spec, self.options, mbs)
+        return self._cache[key]
+
+
 def in_flight_micro_batches(pp: int, vpp: Optional[int], pp_rank: int, num_microbatches: int) -> int:
     """Model-chunk micro-batches whose activations a rank holds at its peak (Megatron's
     schedules: warm-up forwards plus one): 1F1B keeps PP - rank; the interleaved schedule keeps
@@ -436,12 +471,14 @@ class RankMemory:
 def stage_memory(arch: ModelArch, training: TrainingSetup, spec: FoldingSpec, pp_rank: int,
                  options: ActivationOptions = ActivationOptions(),
                  micro_batch_size: Optional[int] = None, recompute: Optional[str] = None,
-                 parameter_model: Optional[ParameterModel] = None, exact: bool = False) -> RankMemory:
+                 parameter_model: Optional[ParameterModel] = None, exact: bool = False,
+                 activation_model: Optional[ActivationModel] = None) -> RankMemory:
     """Peak memory of the ranks of pipeline stage ``pp_rank``."""
     mbs = micro_batch_size or training.micro_batch_size
     recompute = recompute or options.recompute or training.recompute
     a = DTYPE_BYTES[training.precision]
     model = parameter_model or ParameterModel(arch, training.seq_length)
+    acts = activation_model or ActivationModel(arch, training, options)
     if exact:
         weights = exact_weight_memory(arch, training, spec, pp_rank)
     else:
@@ -453,16 +490,15 @@ def stage_memory(arch: ModelArch, training: TrainingSetup, spec: FoldingSpec, pp
     for chunk in range(chunks):
         layers = stage_layer_indices(arch, spec.pp, spec.vpp, pp_rank, chunk if spec.vpp else None)
         moe = sum(pattern[i] for i in layers)
-        per_chunk.append(moe * layer_activation_bytes(arch, training, spec, True, options, mbs, recompute)
-                         + (len(layers) - moe) * layer_activation_bytes(arch, training, spec, False,
-                                                                         options, mbs, recompute))
+        per_chunk.append(moe * acts.layer(spec, True, mbs, recompute)
+                         + (len(layers) - moe) * acts.layer(spec, False, mbs, recompute))
     m = num_microbatches(training, spec, mbs)
     in_flight = in_flight_micro_batches(spec.pp, spec.vpp, pp_rank, m)
     # Chunk micro-batches in flight are spread over the chunks; the average chunk is exact for
     # equal chunks, which the even layer split gives except where MoE patterns differ.
     activations = in_flight * sum(per_chunk) // chunks
 
-    shape = token_shape(arch, training, spec, options, mbs)
+    shape = acts.shape(spec, mbs)
     pre_chunks = [c for c in range(chunks) if chunk_roles(spec.pp, spec.vpp, pp_rank,
                                                           c if spec.vpp else None)[0]]
     post_chunks = [c for c in range(chunks) if chunk_roles(spec.pp, spec.vpp, pp_rank,
@@ -473,17 +509,16 @@ def stage_memory(arch: ModelArch, training: TrainingSetup, spec: FoldingSpec, pp
                                         if arch.hidden_dropout > 0 else 0)
         details["embedding"] = embedding * in_flight_micro_batches(spec.pp, None, pp_rank, m)
         activations += details["embedding"]
-    transient = dispatcher_buffer_bytes(arch, training, spec, options, mbs)
+    transient = acts.dispatcher(spec, mbs)
     if recompute == "full":
         # Backward re-runs one layer's forward and holds its full activations meanwhile.
-        transient += max(layer_activation_bytes(arch, training, spec, bool(i), options, mbs, "none")
-                         for i in set(pattern))
+        transient += max(acts.layer(spec, bool(i), mbs, "none") for i in set(pattern))
     if post_chunks:
         heads = 1 + (arch.mtp_num_layers or 0)
         details["output"] = heads * output_activation_bytes(arch, shape, spec, a)
         if arch.mtp_num_layers:
             details["output"] += arch.mtp_num_layers * (
-                layer_activation_bytes(arch, training, spec, bool(pattern[-1]), options, mbs, recompute)
+                acts.layer(spec, bool(pattern[-1]), mbs, recompute)
                 + 3 * shape.sp_tokens * arch.hidden_size * a)
         activations += details["output"]
         # Logits in the training dtype and their fp32 copy exist together while the loss is formed.
@@ -497,8 +532,12 @@ def stage_memory(arch: ModelArch, training: TrainingSetup, spec: FoldingSpec, pp
 def peak_memory(arch: ModelArch, training: TrainingSetup, spec: FoldingSpec,
                 options: ActivationOptions = ActivationOptions(),
                 micro_batch_size: Optional[int] = None, recompute: Optional[str] = None,
-                parameter_model: Optional[ParameterModel] = None, exact: bool = False) -> RankMemory:
-    """The pipeline stage whose ranks need the most memory."""
+                parameter_model: Optional[ParameterModel] = None, exact: bool = False,
+                activation_model: Optional[ActivationModel] = None,
+                stages: Optional[Sequence[int]] = None) -> RankMemory:
+    """The pipeline stage whose ranks need the most memory (of ``stages``, default all)."""
+    model = parameter_model or ParameterModel(arch, training.seq_length)
+    acts = activation_model or ActivationModel(arch, training, options)
     return max((stage_memory(arch, training, spec, r, options, micro_batch_size, recompute,
-                             parameter_model, exact) for r in range(spec.pp)),
+                             model, exact, acts) for r in (stages or range(spec.pp))),
                key=lambda m: m.total)

@@ -1,0 +1,302 @@
+"""Predicted time of one training iteration for a folding: roofline compute plus alpha-beta
+communication over Megatron's 1F1B or interleaved pipeline schedule.
+
+Per layer and micro-batch, each GEMM a rank runs costs the larger of its FLOPs at the GPU's
+achievable GEMM rate and its operand traffic at HBM bandwidth; the backward pass runs the same
+GEMMs twice (input and weight gradients). Fused attention runs at its own achievable rate.
+Element-wise work (norms, activations, permutations) is charged as memory traffic: three passes
+over the bytes the layer saves for backward. Recomputation adds forward work: the whole layer
+(full) or core attention (selective).
+
+Communication, per layer and micro-batch, forward and backward:
+
+- TP: all-gather before and reduce-scatter after each sequence-parallel block (attention, dense
+  MLP, shared experts): four collectives of the layer's hidden states each way. Not overlapped.
+- CP: the ring passes K and V (and their gradients backward) around the CP group, overlapped
+  with core attention; only the excess shows.
+- EP: the token all-to-all for dispatch and combine, forward and backward; with ETP > 1 the
+  expert rank also all-gathers and reduce-scatters tokens over ETP. Not overlapped.
+- PP: (M x VPP + PP - 1) chunk slots of the slowest stage (the bubble is (PP - 1) / VPP stage
+  times); activations and gradients cross stage boundaries, exposed with 1F1B, overlapped (only
+  latency shows) with the interleaved schedule.
+- DP / EDP: reduce-scatter of fp32 gradients and all-gather of parameters (distributed
+  optimizer) or an all-reduce, hidden behind the last backward / first forward when the recipe
+  overlaps them.
+
+The optimizer step is charged as HBM traffic over the rank's shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+from folding.cost import comm
+from folding.cost.flops import layer_flops, training_flops
+from folding.cost.hardware import HardwareProfile
+from folding.cost.memory import (DTYPE_BYTES, ActivationModel, num_microbatches,
+                                 sharding_degrees, state_bytes)
+from folding.cost.parameters import ParameterModel, padded_vocab_size, stage_layer_indices
+from folding.mesh import FoldingSpec
+from folding.recipe import ModelArch, TrainingSetup
+
+# Bytes the optimizer step moves per owned element: read fp32 master weight, two moments and the
+# gradient; write weight, moments and the 16-bit parameter copy.
+OPTIMIZER_BYTES_PER_ELEMENT = 4 * 4 + 3 * 4 + 2
+# Passes of element-wise work over the bytes a layer saves (forward write, backward read, and
+# the gradient of each written once).
+ELEMENTWISE_PASSES = 3
+
+
+@dataclass(frozen=True)
+class LayerTime:
+    """Seconds one layer takes on one rank for one micro-batch, forward and backward."""
+
+    compute: float
+    tp: float
+    cp: float
+    ep: float
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.tp + self.cp + self.ep
+
+    def __add__(self, other: "LayerTime") -> "LayerTime":
+        return LayerTime(self.compute + other.compute, self.tp + other.tp, self.cp + other.cp,
+                         self.ep + other.ep)
+
+    def scaled(self, factor: float) -> "LayerTime":
+        return LayerTime(self.compute * factor, self.tp * factor, self.cp * factor, self.ep * factor)
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Predicted seconds of one iteration and where they go."""
+
+    total: float
+    pipeline: float
+    """Micro-batches through the slowest stage, bubble included."""
+    bubble: float
+    p2p: float
+    dp: float
+    optimizer: float
+    layers: LayerTime
+    """Per micro-batch on the slowest stage."""
+    model_flops: int
+    """Megatron-convention FLOPs of the iteration."""
+    world_size: int
+    peak_tflops: float
+
+    @property
+    def tflops_per_gpu(self) -> float:
+        return self.model_flops / (self.total * 1e12 * self.world_size)
+
+    @property
+    def mfu(self) -> float:
+        return self.tflops_per_gpu / self.peak_tflops
+
+    def breakdown(self) -> Dict[str, float]:
+        return {"pipeline": self.pipeline, "bubble": self.bubble, "p2p": self.p2p, "dp": self.dp,
+                "optimizer": self.optimizer, "compute_per_microbatch": self.layers.compute,
+                "tp_per_microbatch": self.layers.tp, "cp_per_microbatch": self.layers.cp,
+                "ep_per_microbatch": self.layers.ep}
+
+
+class StepTimeModel:
+    """Step time of foldings of one model, training setup and GPU; per-layer costs memoised."""
+
+    def __init__(self, arch: ModelArch, training: TrainingSetup, hw: HardwareProfile,
+                 parameter_model: Optional[ParameterModel] = None,
+                 activation_model: Optional[ActivationModel] = None):
+        self.arch, self.training, self.hw = arch, training, hw
+        self.params = parameter_model or ParameterModel(arch, training.seq_length)
+        self.acts = activation_model or ActivationModel(arch, training)
+        self.a = DTYPE_BYTES[training.precision]
+        self.flops = layer_flops(arch)
+        self._layers: Dict[tuple, LayerTime] = {}
+        self._model_flops: Dict[int, int] = {}
+
+    # ------------------------------------------------------------------------- compute
+    def _gemm(self, m: float, n: float, k: float, count: int = 1) -> float:
+        """Forward time of ``count`` GEMMs (m x k) @ (k x n): roofline of FLOPs and traffic."""
+        if m <= 0 or n <= 0 or k <= 0:
+            return 0.0
+        flops = 2.0 * m * n * k / (self.hw.peak_tflops * 1e12 * self.hw.gemm_efficiency)
+        traffic = (m * k + k * n + m * n) * self.a / (self.hw.hbm_gbps * 1e9)
+        return count * max(flops, traffic)
+
+    def _attention_forward(self, T: float, tp: int) -> float:
+        arch, h = self.arch, self.arch.hidden_size
+        n = arch.num_attention_heads
+        if arch.multi_latent_attention:
+            qk = arch.qk_head_dim + arch.qk_pos_emb_head_dim
+            t = self._gemm(T, arch.kv_lora_rank + arch.qk_pos_emb_head_dim, h)  # whole on each TP rank
+            t += self._gemm(T, n * (arch.qk_head_dim + arch.v_head_dim) / tp, arch.kv_lora_rank)
+            if arch.q_lora_rank is None:
+                t += self._gemm(T, n * qk / tp, h)
+            else:
+                t += self._gemm(T, arch.q_lora_rank, h) + self._gemm(T, n * qk / tp, arch.q_lora_rank)
+            return t + self._gemm(T, h, n * arch.v_head_dim / tp)
+        q, kv = n * arch.head_dim, arch.query_groups * arch.head_dim
+        return self._gemm(T, (q + 2 * kv) / tp, h) + self._gemm(T, h, q / tp)
+
+    def _mlp_forward(self, tokens: float, ffn: int, split: int, experts: int = 1) -> float:
+        gated = 2 if self.arch.swiglu else 1
+        h = self.arch.hidden_size
+        return (self._gemm(tokens, ffn * gated / split, h, experts)
+                + self._gemm(tokens, h, ffn / split, experts))
+
+    def layer_time(self, spec: FoldingSpec, spans: Dict, is_moe: bool, mbs: int,
+                   recompute: str) -> LayerTime:
+        key = (spec.tp, spec.cp, spec.etp, spec.ep, spec.dp, spec.edp, spec.pp, spec.order,
+               spec.gpus_per_node, is_moe, mbs, recompute)
+        if key not in self._layers:
+            self._layers[key] = self._layer_time(spec, spans, is_moe, mbs, recompute)
+        return self._layers[key]
+
+    def _layer_time(self, spec: FoldingSpec, spans: Dict, is_moe: bool, mbs: int,
+                    recompute: str) -> LayerTime:
+        arch, hw, a, h = self.arch, self.hw, self.a, self.arch.hidden_size
+        shape = self.acts.shape(spec, mbs)
+        T, t = shape.tokens, shape.sp_tokens
+        tp, cp = spec.tp, spec.cp
+        seq = self.training.seq_length
+
+        attention = self._attention_forward(T, tp)
+        # Megatron's causal core-attention FLOPs (forward third) for this rank's queries.
+        core = (self.flops.attention_core_per_position / 3 * T * seq / tp
+                / (hw.peak_tflops * 1e12 * hw.attention_efficiency))
+        if is_moe:
+            experts_here = arch.num_experts // spec.ep
+            per_expert = shape.expert_tokens / experts_here
+            mlp = self._gemm(t, arch.num_experts, h)                                  # router
+            mlp += self._mlp_forward(per_expert, arch.expert_ffn_hidden_size, spec.etp, experts_here)
+            if arch.moe_shared_expert_intermediate_size:
+                mlp += self._mlp_forward(T, arch.moe_shared_expert_intermediate_size, tp)
+        else:
+            mlp = self._mlp_forward(T, arch.ffn_hidden_size, tp)
+        forward = attention + core + mlp
+        elementwise = (ELEMENTWISE_PASSES * self.acts.layer(spec, is_moe, mbs, "none")
+                       / (hw.hbm_gbps * 1e9))
+        compute = 3 * forward + elementwise
+        if recompute == "full":
+            compute += forward + elementwise / ELEMENTWISE_PASSES
+        elif recompute == "selective":
+            compute += core
+
+        # Collectives per forward; backward repeats them, full recompute repeats the forward's.
+        passes = 3 if recompute == "full" else 2
+        blocks = 1 + (0 if is_moe else 1) + (1 if is_moe and arch.moe_shared_expert_intermediate_size else 0)
+        hidden_bytes = T * h * a
+        tp_time = 0.0
+        if tp > 1:
+            tp_time = passes * blocks * 2 * comm.all_gather_time(hidden_bytes, spans[("attention", "tp")], hw)
+        cp_time = 0.0
+        if cp > 1:
+            kv_dim = (arch.kv_lora_rank + arch.qk_pos_emb_head_dim if arch.multi_latent_attention
+                      else 2 * arch.query_groups * arch.head_dim / tp)
+            ring = (cp - 1) * comm.p2p_time(T * kv_dim * a, spans[("attention", "cp")].nodes > 1, hw)
+            core_fwd = core
+            cp_time = max(0.0, ring - core_fwd) + max(0.0, 2 * ring - 2 * core_fwd)
+        ep_time = 0.0
+        if is_moe:
+            moe_passes = 3 if recompute == "full" else 2
+            tokens_out = t * arch.moe_router_topk * h * a
+            ep_time = moe_passes * 2 * comm.all_to_all_time(tokens_out, spans[("moe", "ep")], hw)
+            if spec.etp > 1:
+                ep_time += moe_passes * 2 * comm.all_gather_time(
+                    shape.expert_tokens * h * a, spans[("moe", "etp")], hw)
+        return LayerTime(compute=compute, tp=tp_time, cp=cp_time, ep=ep_time)
+
+    def _head_time(self, spec: FoldingSpec, mbs: int, pre: bool, post: bool) -> float:
+        """Embedding lookup (memory-bound, small) and output layers of the end stages."""
+        if not post:
+            return 0.0
+        shape = self.acts.shape(spec, mbs)
+        vocab = padded_vocab_size(self.arch, spec.tp) / spec.tp
+        heads = 1 + (self.arch.mtp_num_layers or 0)
+        logits = 3 * self._gemm(shape.tokens, vocab, self.arch.hidden_size)
+        # softmax and cross entropy over fp32 logits, forward and backward
+        loss = 4 * shape.tokens * vocab * 4 / (self.hw.hbm_gbps * 1e9)
+        return heads * (logits + loss)
+
+    # ------------------------------------------------------------------------- one step
+    def model_flops(self, tp: int) -> int:
+        if tp not in self._model_flops:
+            self._model_flops[tp] = training_flops(self.arch, self.training.seq_length,
+                                                   self.training.global_batch_size, tp)
+        return self._model_flops[tp]
+
+    def stage_layer_time(self, spec: FoldingSpec, spans: Dict, pp_rank: int, mbs: int,
+                         recompute: str) -> Tuple[LayerTime, float]:
+        """All chunks of one pipeline rank for one micro-batch: layers and end-stage heads."""
+        total = LayerTime(0.0, 0.0, 0.0, 0.0)
+        heads = 0.0
+        pattern = self.params.pattern
+        for chunk in range(spec.vpp or 1):
+            vp = chunk if spec.vpp else None
+            layers = stage_layer_indices(self.arch, spec.pp, spec.vpp, pp_rank, vp)
+            moe = sum(pattern[i] for i in layers)
+            if moe:
+                total = total + self.layer_time(spec, spans, True, mbs, recompute).scaled(moe)
+            if len(layers) - moe:
+                total = total + self.layer_time(spec, spans, False, mbs, recompute).scaled(len(layers) - moe)
+            last = pp_rank == spec.pp - 1 and chunk == (spec.vpp or 1) - 1
+            if last and self.arch.mtp_num_layers:
+                total = total + self.layer_time(spec, spans, bool(pattern[-1]), mbs, recompute).scaled(
+                    self.arch.mtp_num_layers)
+            heads += self._head_time(spec, mbs, pp_rank == 0 and chunk == 0, last)
+        return total, heads
+
+    def step_time(self, spec: FoldingSpec, mbs: int, recompute: str,
+                  spans: Optional[Dict] = None) -> StepTime:
+        hw, training = self.hw, self.training
+        spans = spans or comm.group_spans(spec)
+        m = num_microbatches(training, spec, mbs)
+        vpp = spec.vpp or 1
+        # The pipeline advances at the pace of its slowest stage.
+        stage_ranks = {0, spec.pp - 1} | ({1} if spec.pp > 2 else set())
+        per_stage = {r: self.stage_layer_time(spec, spans, r, mbs, recompute) for r in stage_ranks}
+        slowest = max(per_stage, key=lambda r: per_stage[r][0].total + per_stage[r][1])
+        layers, heads = per_stage[slowest]
+        stage_mb = layers.total + heads
+        pipeline = (m + (spec.pp - 1) / vpp) * stage_mb
+        bubble = (spec.pp - 1) / vpp * stage_mb
+
+        p2p = 0.0
+        if spec.pp > 1:
+            shape = self.acts.shape(spec, mbs)
+            crosses = spans[("attention", "pp")].nodes > 1
+            slots = m * vpp + spec.pp - 1
+            if spec.vpp:  # the interleaved schedule overlaps its sends with compute
+                one = (hw.network_latency_us if crosses else hw.nvlink_latency_us) * 1e-6
+            else:
+                one = comm.p2p_time(shape.sp_tokens * self.arch.hidden_size * self.a, crosses, hw)
+            p2p = 2 * slots * one
+
+        counts = max((self.params.rank_counts(spec, r) for r in stage_ranks), key=lambda c: c.total)
+        dense_dp, expert_dp = sharding_degrees(spec)
+        dense_span = spans[("attention", "dp_cp")]
+        expert_span = spans[("moe", "edp")] if spec.ep > 1 else dense_span
+        b = state_bytes(training.precision)
+        dense_elems, expert_elems = counts.dense + counts.embedding, counts.expert
+        if training.use_distributed_optimizer:
+            reduce = (comm.reduce_scatter_time(dense_elems * b.grad, dense_span, hw)
+                      + comm.reduce_scatter_time(expert_elems * b.grad, expert_span, hw))
+            gather = (comm.all_gather_time(dense_elems * b.param, dense_span, hw)
+                      + comm.all_gather_time(expert_elems * b.param, expert_span, hw))
+            shard = dense_elems / dense_dp + expert_elems / expert_dp
+        else:
+            reduce = (comm.all_reduce_time(dense_elems * b.grad, dense_span, hw)
+                      + comm.all_reduce_time(expert_elems * b.grad, expert_span, hw))
+            gather, shard = 0.0, dense_elems + expert_elems
+        if training.overlap_grad_reduce:
+            reduce = max(0.0, reduce - 2 / 3 * stage_mb)
+        if training.overlap_param_gather:
+            gather = max(0.0, gather - 1 / 3 * stage_mb)
+        dp = reduce + gather
+        optimizer = shard * OPTIMIZER_BYTES_PER_ELEMENT / (hw.hbm_gbps * 1e9)
+        total = pipeline + p2p + dp + optimizer
+        return StepTime(total=total, pipeline=pipeline, bubble=bubble, p2p=p2p, dp=dp,
+                        optimizer=optimizer, layers=layers, model_flops=self.model_flops(spec.tp),
+                        world_size=spec.world_size, peak_tflops=hw.peak_tflops)

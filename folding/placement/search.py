@@ -1,0 +1,338 @@
+"""Swap local search over the items (expert replicas) of one MoE layer.
+
+The layer's cost is a linear part (``linear[v, r]``: the cost of item v on rank r, e.g. hops to
+fixed neighbouring layers) minus the affinity of items that share a rank (weight
+``rank_weight``) or a node (``node_weight``). A swap of two items on different ranks keeps every
+rank's item count; all swap gains of the layer are one V x V matrix computed from per-rank and
+per-node affinity sums, which each applied swap updates in O(V). Each round applies the best
+swaps on pairwise disjoint ranks (and disjoint nodes for swaps across nodes): their gains do not
+interact, so the cost drops by exactly their sum. ``max_moved`` limits how many items may leave
+their ``home`` rank.
+
+Balance constraint. The placement is fitted on one sample of tokens and used on others, so the
+search bounds the expected peak load on a fresh sample rather than the peak on the fitted one:
+a rank's count on a fresh sample is roughly normal around its load, with variance
+load + 2 x (affinity of the pairs of items it holds), because a token sends one pair to each of
+its experts and co-activated items on one rank load it in bursts; the difference to the fitted
+count has twice that variance. For any threshold t, E[max_r X_r] <= t + sum_r E[(X_r - t)+], so
+the search keeps the *excess* sum_r E[(X_r - t)+] under a budget (``balance_bound`` gives the
+threshold that makes the bound tightest for a reference assignment). Unlike a cap on each rank,
+the excess counts how many ranks sit close to the peak, which is what raises the peak on unseen
+tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional, Tuple
+
+import numpy as np
+from scipy.special import ndtr
+
+NEGATIVE = -np.inf
+INV_SQRT_2PI = 1.0 / np.sqrt(2.0 * np.pi)
+
+
+def expected_excess(load, inner, threshold: float, noise: bool = True):
+    """E[(X - threshold)+] for a rank's count X on a fresh sample of tokens (module docstring);
+    without ``noise``, (load - threshold)+ on the fitted tokens."""
+    if not np.isfinite(threshold):
+        return np.zeros_like(np.asarray(load, dtype=np.float64))
+    if not noise:
+        return np.maximum(load - threshold, 0.0)
+    spread = np.sqrt(2.0 * np.maximum(load + 2.0 * inner, 1e-12))
+    z = (load - threshold) / spread
+    return spread * INV_SQRT_2PI * np.exp(-0.5 * z * z) + (load - threshold) * ndtr(z)
+
+
+def host_sums(matrix: np.ndarray, item_rank: np.ndarray, num_ranks: int) -> np.ndarray:
+    """[V, P]: for every row v, the sum of ``matrix[v, u]`` over the items u on each rank."""
+    out = np.zeros((matrix.shape[0], num_ranks))
+    order = np.argsort(item_rank, kind="stable")
+    ranks, starts = np.unique(item_rank[order], return_index=True)
+    out[:, ranks] = np.add.reduceat(matrix[:, order], starts, axis=1)
+    return out
+
+
+def rank_inner_affinity(item_rank: np.ndarray, num_ranks: int, affinity: Optional[np.ndarray],
+                        rank_affinity: Optional[np.ndarray] = None) -> np.ndarray:
+    """[P]: affinity summed over the pairs of items that share each rank."""
+    if affinity is None:
+        return np.zeros(num_ranks)
+    if rank_affinity is None:
+        rank_affinity = host_sums(affinity, item_rank, num_ranks)
+    own = rank_affinity[np.arange(len(item_rank)), item_rank]
+    return 0.5 * np.bincount(item_rank, weights=own, minlength=num_ranks)
+
+
+def balance_bound(item_rank: np.ndarray, item_load: np.ndarray, num_ranks: int,
+                  affinity: Optional[np.ndarray], noise: bool = True) -> Tuple[float, float]:
+    """(threshold t, bound U): the t that makes U = t + excess(t) the tightest bound on the
+    expected peak load on a fresh sample of tokens, found where sum_r P(X_r > t) = 1. Without
+    ``noise``, U is the peak load and t the second highest rank load."""
+    load = np.bincount(item_rank, weights=item_load, minlength=num_ranks)
+    inner = rank_inner_affinity(item_rank, num_ranks, affinity)
+    if num_ranks < 2:
+        return np.inf, float(load.max())
+    if not noise:
+        ordered = np.sort(load)
+        return float(ordered[-2]), float(ordered[-1])
+    spread = np.sqrt(2.0 * np.maximum(load + 2.0 * inner, 1e-12))
+    low, high = float(load.min() - 10 * spread.max()), float(load.max() + 10 * spread.max())
+    for _ in range(100):
+        middle = 0.5 * (low + high)
+        if ndtr((load - middle) / spread).sum() > 1.0:
+            low = middle
+        else:
+            high = middle
+    threshold = 0.5 * (low + high)
+    return threshold, threshold + float(expected_excess(load, inner, threshold).sum())
+
+
+class LayerSearch:
+    """Rank assignment of one layer's items, improved by swaps."""
+
+    def __init__(self, item_rank: np.ndarray, item_load: np.ndarray, rank_nodes: np.ndarray,
+                 threshold: float = np.inf, excess_budget: float = np.inf,
+                 affinity: Optional[np.ndarray] = None, rank_weight: float = 1.0, node_weight: float = 0.0,
+                 linear: Optional[np.ndarray] = None, home: Optional[np.ndarray] = None,
+                 max_moved: Optional[int] = None, noise: bool = True):
+        self.rank = np.array(item_rank, dtype=np.int64)
+        self.item_load = np.asarray(item_load, dtype=np.float64)
+        self.rank_nodes = np.asarray(rank_nodes, dtype=np.int64)
+        self.num_ranks = len(self.rank_nodes)
+        self.num_nodes = int(self.rank_nodes.max()) + 1
+        self.threshold = float(threshold)
+        self.excess_budget = float(excess_budget)
+        self.affinity = affinity
+        self.rank_weight = rank_weight
+        self.node_weight = node_weight if self.num_nodes > 1 else 0.0
+        self.linear = linear
+        self.home = None if home is None else np.asarray(home, dtype=np.int64)
+        self.max_moved = max_moved
+        self.noise = noise
+        self.tolerance = 1e-9 * max(1.0, float(self.item_load.sum()))
+        self.rank_load = np.bincount(self.rank, weights=self.item_load, minlength=self.num_ranks)
+        if affinity is not None:
+            # rank_affinity[v, r]: affinity of item v to the items on rank r (node likewise).
+            self.rank_affinity = host_sums(affinity, self.rank, self.num_ranks)
+            self.node_affinity = host_sums(self.rank_affinity, self.rank_nodes, self.num_nodes)
+        self.rank_inner = rank_inner_affinity(self.rank, self.num_ranks, affinity,
+                                              getattr(self, "rank_affinity", None))
+
+    # ------------------------------------------------------------------------------ measures
+    @property
+    def moved(self) -> int:
+        return 0 if self.home is None else int(np.sum(self.rank != self.home))
+
+    @property
+    def constrained(self) -> bool:
+        return np.isfinite(self.threshold) and np.isfinite(self.excess_budget)
+
+    def excess(self) -> float:
+        return float(expected_excess(self.rank_load, self.rank_inner, self.threshold, self.noise).sum())
+
+    def cost(self) -> float:
+        """Linear cost minus weighted affinity of co-located pairs (lower is better)."""
+        total = 0.0
+        items = np.arange(len(self.rank))
+        if self.linear is not None:
+            total += float(self.linear[items, self.rank].sum())
+        if self.affinity is not None:
+            total -= 0.5 * self.rank_weight * float(self.rank_affinity[items, self.rank].sum())
+            if self.node_weight:
+                total -= 0.5 * self.node_weight * float(
+                    self.node_affinity[items, self.rank_nodes[self.rank]].sum())
+        return total
+
+    def gains(self) -> np.ndarray:
+        """[V, V]: cost reduction of swapping items v and u (-inf where not a swap)."""
+        rank = self.rank
+        V = len(rank)
+        gain = np.zeros((V, V))
+        items = np.arange(V)
+        if self.affinity is not None:
+            if self.rank_weight:
+                gain += self.rank_weight * pair_gain(self.rank_affinity[:, rank],
+                                                     self.rank_affinity[items, rank], self.affinity)
+            if self.node_weight:
+                node = self.rank_nodes[rank]
+                node_gain = pair_gain(self.node_affinity[:, node], self.node_affinity[items, node],
+                                      self.affinity)
+                gain += self.node_weight * np.where(node[:, None] != node[None, :], node_gain, 0.0)
+        if self.linear is not None:
+            elsewhere = self.linear[:, rank]
+            here = self.linear[items, rank]
+            gain += here[:, None] + here[None, :] - elsewhere - elsewhere.T
+        gain[rank[:, None] == rank[None, :]] = NEGATIVE
+        return gain
+
+    def excess_change(self) -> np.ndarray:
+        """[V, V]: change of the layer's excess if v and u swap (0 without a constraint)."""
+        V = len(self.rank)
+        if not self.constrained:
+            return np.zeros((V, V))
+        w, rank = self.item_load, self.rank
+        load = self.rank_load[rank][:, None] - w[:, None] + w[None, :]  # v's rank after the swap
+        inner = np.broadcast_to(self.rank_inner[rank][:, None], (V, V))
+        if self.affinity is not None and self.noise:
+            own = self.rank_affinity[np.arange(V), rank]
+            inner = inner - own[:, None] + self.rank_affinity[:, rank].T - self.affinity
+        before = expected_excess(self.rank_load, self.rank_inner, self.threshold, self.noise)[rank]
+        after = expected_excess(load, inner, self.threshold, self.noise) - before[:, None]
+        return after + after.T
+
+    def _moves_after(self) -> Optional[np.ndarray]:
+        """[V, V]: change in the number of items away from home if v and u swap."""
+        if self.home is None:
+            return None
+        away = (self.rank != self.home).astype(np.int64)
+        lands_away = (self.rank[None, :] != self.home[:, None]).astype(np.int64)  # v on u's rank
+        return lands_away + lands_away.T - away[:, None] - away[None, :]
+
+    # ------------------------------------------------------------------------------ moves
+    def swap(self, v: int, u: int) -> None:
+        ra, rb = self.rank[v], self.rank[u]
+        if self.affinity is not None:
+            delta = self.affinity[:, u] - self.affinity[:, v]
+            self.rank_affinity[:, ra] += delta
+            self.rank_affinity[:, rb] -= delta
+            na, nb = self.rank_nodes[ra], self.rank_nodes[rb]
+            if na != nb:
+                self.node_affinity[:, na] += delta
+                self.node_affinity[:, nb] -= delta
+        shift = self.item_load[u] - self.item_load[v]
+        self.rank_load[ra] += shift
+        self.rank_load[rb] -= shift
+        self.rank[v], self.rank[u] = rb, ra
+        if self.affinity is not None:
+            for r in (ra, rb):
+                on_rank = np.flatnonzero(self.rank == r)
+                self.rank_inner[r] = 0.5 * self.rank_affinity[on_rank, r].sum()
+
+    def repair(self, max_steps: Optional[int] = None) -> bool:
+        """Swap until the excess is within budget; True on success.
+
+        Takes the cheapest swap that reaches the budget if one exists, otherwise the swap that
+        lowers the excess most; gives up when no swap lowers it.
+        """
+        if not self.constrained:
+            return True
+        steps = max_steps if max_steps is not None else 4 * len(self.rank)
+        for _ in range(steps):
+            excess = self.excess()
+            if excess <= self.excess_budget + self.tolerance:
+                return True
+            after = excess + self.excess_change()
+            gain = self.gains()
+            valid = np.isfinite(gain)
+            fixes = valid & (after <= self.excess_budget)
+            if fixes.any():
+                choice = np.argmax(np.where(fixes, gain, NEGATIVE))
+            else:
+                after = np.where(valid, after, np.inf)
+                choice = np.argmin(after)
+                if after.flat[choice] >= excess - self.tolerance:
+                    return False
+            v, u = np.unravel_index(choice, after.shape)
+            self.swap(int(v), int(u))
+        return self.excess() <= self.excess_budget + self.tolerance
+
+    def improve(self, deadline: Optional[float] = None, max_rounds: int = 10_000,
+                price: Optional[float] = None) -> float:
+        """Apply improving swaps until none is left (or the deadline); returns the total gain.
+
+        With ``price`` the excess is not bounded but costs ``price`` per unit instead.
+        """
+        V = len(self.rank)
+        upper = np.triu(np.ones((V, V), dtype=bool), 1)
+        total = 0.0
+        for _ in range(max_rounds):
+            if deadline is not None and time.perf_counter() > deadline:
+                break
+            gain = self.gains()
+            change = self.excess_change()
+            feasible = upper.copy()
+            if price is not None:
+                gain = gain - price * change
+                room = np.inf
+            else:
+                room = self.excess_budget - self.excess() if self.constrained else np.inf
+                if self.constrained:
+                    feasible &= change <= room + self.tolerance
+            moves = self._moves_after()
+            if moves is not None:
+                feasible &= self.moved + moves <= self.max_moved
+            gain = np.where(feasible, gain, NEGATIVE)
+            positive = np.flatnonzero(gain.ravel() > self.tolerance)
+            if positive.size == 0:
+                break
+            best = positive[np.argsort(-gain.ravel()[positive], kind="stable")][:4 * self.num_ranks]
+            total += self._apply_disjoint(best, gain, change, room, moves)
+        return total
+
+    def optimise(self, deadline: Optional[float] = None, price_growth: float = 2.0,
+                 max_stages: int = 40) -> None:
+        """Improve under the balance constraint by continuation on the price of excess: first
+        free, then with a price that doubles until the excess fits the budget, then repaired and
+        improved under the hard budget. Swaps that trade a little excess for a large gain, and
+        later swaps that win the excess back cheaply, are found this way; a hard budget from the
+        start would refuse the first kind."""
+        if not self.constrained:
+            self.improve(deadline)
+            return
+        self.improve(deadline, price=0.0)
+        excess = self.excess()
+        if excess > self.excess_budget:
+            price = 1e-3 * abs(self.cost()) / max(excess - self.excess_budget, self.tolerance)
+            for _ in range(max_stages):
+                if self.excess() <= self.excess_budget or (deadline is not None and time.perf_counter() > deadline):
+                    break
+                self.improve(deadline, price=price)
+                price *= price_growth
+        self.repair()
+        self.improve(deadline)
+
+    def _apply_disjoint(self, candidates: np.ndarray, gain: np.ndarray, change: np.ndarray, room: float,
+                        moves: Optional[np.ndarray]) -> float:
+        """Apply the best candidates whose ranks (and nodes, across nodes) are disjoint, while
+        their summed excess change and moves stay within budget."""
+        V = len(self.rank)
+        used_ranks, used_nodes = set(), set()
+        moved = self.moved
+        chosen = []
+        applied = 0.0
+        for index in candidates:
+            v, u = divmod(int(index), V)
+            ra, rb = int(self.rank[v]), int(self.rank[u])
+            if ra in used_ranks or rb in used_ranks:
+                continue
+            na, nb = int(self.rank_nodes[ra]), int(self.rank_nodes[rb])
+            crosses = na != nb and self.node_weight
+            if crosses and (na in used_nodes or nb in used_nodes):
+                continue
+            if change[v, u] > room + self.tolerance:
+                continue
+            if moves is not None:
+                if moved + moves[v, u] > self.max_moved:
+                    continue
+                moved += moves[v, u]
+            room -= change[v, u]
+            used_ranks.update((ra, rb))
+            if crosses:
+                used_nodes.update((na, nb))
+            chosen.append((v, u))
+            applied += gain[v, u]
+        for v, u in chosen:
+            self.swap(v, u)
+        return applied
+
+
+def pair_gain(to_partner_host: np.ndarray, to_own_host: np.ndarray, affinity: np.ndarray) -> np.ndarray:
+    """[V, V]: change of co-located affinity when v and u trade hosts.
+
+    ``to_partner_host[v, u]`` is v's affinity to u's host, ``to_own_host[v]`` v's affinity to its
+    own host; the pair itself never shares a host before or after, hence the -2 affinity term.
+    """
+    return (to_partner_host + to_partner_host.T - to_own_host[:, None] - to_own_host[None, :]
+            - 2.0 * affinity)

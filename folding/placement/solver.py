@@ -1,0 +1,302 @@
+"""The fast expert placement solver, for the "training" and "inference" objectives.
+
+Both objectives keep every layer balanced as greedy balanced packing of the layer's items
+does: the expected peak load on unseen tokens may exceed packing's by at most ``balance_slack``
+of its peak (``search`` explains the bound), so that co-locating experts that tokens pick
+together does not buy locality with balance. Replica counts follow EPLB's rule
+(``packing.replica_counts``) unless a previous placement fixes them.
+
+- training: layers are independent. Items that tokens pick together (the per-layer
+  co-activation matrix, shared over replicas) are grown into nodes, then into ranks inside each
+  node, heaviest item first; a repair step enforces the cap and swap local search
+  (``search.LayerSearch``) maximises co-located affinity, 4x weighted across nodes, a pairwise
+  stand-in for D_gpu + 4 D_node.
+- inference: with the neighbouring layers fixed, placing one layer is a linear assignment
+  problem (each item's cost on each rank is its hop cost to the neighbours' hosts), solved by
+  ``scipy.optimize.linear_sum_assignment``, then repaired to the cap and refined by swaps. A
+  forward pass follows the layer before; later passes use both neighbours until nothing improves.
+- with a previous placement both start from it and only swap, moving at most ``max_moved`` of
+  each layer's items.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from folding.errors import FoldingError
+from folding.placement.metrics import objective_weights
+from folding.placement.packing import balanced_packing, item_loads, layer_items, replica_counts
+from folding.placement.placement import Placement, host_fractions
+from folding.placement.search import LayerSearch, balance_bound
+from folding.placement.trace import RoutingTrace
+
+DEFAULT_BALANCE_SLACK = 0.01
+SPREAD = 4.0
+"""Standard deviations of a rank's count over tokens added to its load when checking the cap."""
+
+
+@dataclass
+class LayerItems:
+    """The items of one layer and their current ranks."""
+
+    experts: np.ndarray
+    loads: np.ndarray
+    ranks: np.ndarray
+    home: Optional[np.ndarray] = None
+    coactivation: Optional[np.ndarray] = None
+    """[E, E] expert co-activation of the layer (None: ignored, as the ExFlow baseline does)."""
+    threshold: float = np.inf
+    """Peak load of greedy balanced packing (inf: no balance constraint)."""
+    excess_budget: float = np.inf
+    """Largest expected excess over ``threshold`` allowed (see ``search``)."""
+    noise: bool = True
+    """Whether balance accounts for the sampling noise of unseen tokens (``search``)."""
+
+    def affinity(self) -> Optional[np.ndarray]:
+        """[V, V] item co-activation, or None."""
+        return None if self.coactivation is None else item_affinity(self.coactivation, self.experts)
+
+
+@dataclass
+class SolveResult:
+    placement: Placement
+    seconds: float
+    info: dict = field(default_factory=dict)
+
+
+def check_sizes(num_experts: int, ep_size: int, gpus_per_node: int, redundant: int) -> None:
+    if ep_size < 1 or num_experts % ep_size:
+        raise FoldingError(f"ep_size={ep_size} does not divide num_experts={num_experts}")
+    if gpus_per_node < 1:
+        raise FoldingError(f"gpus_per_node={gpus_per_node} must be positive")
+    if redundant < 0:
+        raise FoldingError(f"redundant slots per rank ({redundant}) cannot be negative")
+
+
+def balance_limits(loads: np.ndarray, affinity: Optional[np.ndarray], ep_size: int, slots_per_rank: int,
+                   slack: float, noise: bool = True) -> Tuple[float, float]:
+    """(threshold, excess budget) of a layer: the bound on the expected peak load of greedy
+    balanced packing, raised by ``slack``, expressed at packing's best threshold."""
+    bins = balanced_packing(loads, ep_size, slots_per_rank)
+    threshold, bound = balance_bound(bins, loads, ep_size, affinity, noise)
+    return threshold, bound * (1.0 + slack) - threshold
+
+
+def build_items(trace: RoutingTrace, ep_size: int, redundant: int, slack: float,
+                previous: Optional[Placement] = None, noise: bool = True) -> List[LayerItems]:
+    """Items, loads and caps of every layer, starting on balanced packing (or the previous
+    placement, whose replica counts are then kept)."""
+    counts = trace.expert_counts()
+    slots_per_rank = trace.num_experts // ep_size + redundant
+    layers = []
+    for layer in range(trace.num_layers):
+        if previous is not None:
+            experts = previous.layers[layer].copy()
+            loads = item_loads(experts, counts[layer])
+            ranks = previous.slot_ranks.copy()
+        else:
+            replicas = replica_counts(counts[layer], ep_size * redundant)
+            experts, loads = layer_items(counts[layer], replicas)
+            ranks = balanced_packing(loads, ep_size, slots_per_rank)
+        items = LayerItems(experts, loads, ranks, ranks.copy() if previous is not None else None,
+                           trace.coactivation(layer), noise=noise)
+        items.threshold, items.excess_budget = balance_limits(loads, items.affinity(), ep_size,
+                                                              slots_per_rank, slack, noise)
+        layers.append(items)
+    return layers
+
+
+def item_affinity(coactivation: np.ndarray, experts: np.ndarray) -> np.ndarray:
+    """[V, V]: tokens expected to pick both items, each expert's pairs split over its replicas."""
+    replicas = np.bincount(experts, minlength=coactivation.shape[0])[experts].astype(np.float64)
+    return coactivation[np.ix_(experts, experts)] / np.outer(replicas, replicas)
+
+
+def grow_parts(affinity: np.ndarray, loads: np.ndarray, members: np.ndarray, part_sizes: List[int],
+               part_cap: float) -> np.ndarray:
+    """Split ``members`` into parts of the given sizes: each part starts from the heaviest item
+    left and adds the item with the most affinity to it that fits under ``part_cap`` (the
+    lightest item if none fits). Returns the part of each member."""
+    left = np.ones(len(members), dtype=bool)
+    part_of = np.empty(len(members), dtype=np.int64)
+    sub_affinity = affinity[np.ix_(members, members)]
+    sub_loads = loads[members]
+    for part, size in enumerate(part_sizes):
+        seed = int(np.argmax(np.where(left, sub_loads, -np.inf)))
+        left[seed] = False
+        part_of[seed] = part
+        pull = sub_affinity[seed].copy()
+        load = sub_loads[seed]
+        for _ in range(size - 1):
+            fits = left & (load + sub_loads <= part_cap)
+            if fits.any():
+                pick = int(np.argmax(np.where(fits, pull + 1e-12 * sub_loads, -np.inf)))
+            else:
+                pick = int(np.argmin(np.where(left, sub_loads, np.inf)))
+            left[pick] = False
+            part_of[pick] = part
+            pull += sub_affinity[pick]
+            load += sub_loads[pick]
+    return part_of
+
+
+def grow_layer(affinity: np.ndarray, items: LayerItems, rank_nodes: np.ndarray, slots_per_rank: int) -> np.ndarray:
+    """Hierarchical greedy start: items grown into nodes, then into ranks inside each node."""
+    num_nodes = int(rank_nodes.max()) + 1
+    ranks_in_node = [np.flatnonzero(rank_nodes == n) for n in range(num_nodes)]
+    everyone = np.arange(len(items.experts))
+    node_of = grow_parts(affinity, items.loads, everyone,
+                         [len(r) * slots_per_rank for r in ranks_in_node],
+                         items.threshold * max(len(r) for r in ranks_in_node))
+    ranks = np.empty(len(items.experts), dtype=np.int64)
+    for node, node_ranks in enumerate(ranks_in_node):
+        members = np.flatnonzero(node_of == node)
+        part = grow_parts(affinity, items.loads, members, [slots_per_rank] * len(node_ranks),
+                           items.threshold)
+        ranks[members] = node_ranks[part]
+    return ranks
+
+
+def solve_training_layer(items: LayerItems, rank_nodes: np.ndarray, slots_per_rank: int,
+                         deadline: Optional[float], max_moved: Optional[int]) -> np.ndarray:
+    rank_weight, node_weight = objective_weights("training")
+    affinity = items.affinity()
+
+    start = items.home if items.home is not None else grow_layer(affinity, items, rank_nodes, slots_per_rank)
+    search = LayerSearch(start, items.loads, rank_nodes, items.threshold, items.excess_budget,
+                         affinity, rank_weight, node_weight, home=items.home, max_moved=max_moved,
+                         noise=items.noise)
+    search.optimise(deadline)
+    if search.excess() > search.excess_budget + search.tolerance:
+        # Continuation failed to reach the budget: fall back on balanced packing.
+        search = LayerSearch(items.ranks, items.loads, rank_nodes, items.threshold, items.excess_budget,
+                             affinity, rank_weight, node_weight, home=items.home, max_moved=max_moved,
+                             noise=items.noise)
+        search.improve(deadline)
+    return search.rank
+
+
+def hop_matrix(rank_nodes: np.ndarray, rank_weight: float, node_weight: float) -> np.ndarray:
+    """[P, P]: the cost of a token moving from rank a to rank b between layers."""
+    ranks = np.arange(len(rank_nodes))
+    return (rank_weight * (ranks[:, None] != ranks[None, :])
+            + node_weight * (rank_nodes[:, None] != rank_nodes[None, :]))
+
+
+def inference_linear_cost(layer: int, layers: List[LayerItems], transitions: np.ndarray, hops: np.ndarray,
+                          num_experts: int, use_next: bool = True) -> np.ndarray:
+    """[V, P]: hop cost of each item of ``layer`` on each rank, the neighbour layers fixed."""
+    P = hops.shape[0]
+    per_expert = np.zeros((num_experts, P))
+    if layer > 0:
+        before = layers[layer - 1]
+        shares = host_fractions(before.experts, num_experts, before.ranks, P)
+        per_expert += transitions[layer - 1].T @ (shares @ hops)
+    if use_next and layer + 1 < len(layers):
+        after = layers[layer + 1]
+        shares = host_fractions(after.experts, num_experts, after.ranks, P)
+        per_expert += transitions[layer] @ (shares @ hops.T)
+    items = layers[layer]
+    replicas = np.bincount(items.experts, minlength=num_experts)[items.experts]
+    return per_expert[items.experts] / replicas[:, None]
+
+
+def solve_inference(trace: RoutingTrace, layers: List[LayerItems], rank_nodes: np.ndarray,
+                    slots_per_rank: int, rank_weight: float, node_weight: float,
+                    deadline: Optional[float], max_moved: Optional[int], progress: bool = False,
+                    max_passes: int = 8) -> dict:
+    """Block coordinate descent over layers (see the module docstring); updates ``layers``."""
+    from tqdm import tqdm
+
+    transitions = trace.top1_transitions()
+    hops = hop_matrix(rank_nodes, rank_weight, node_weight)
+    slot_ranks = np.repeat(np.arange(len(rank_nodes)), slots_per_rank)
+    E, L = trace.num_experts, trace.num_layers
+    warm = layers[0].home is not None
+    passes = 0
+    bar = tqdm(total=max_passes * L, desc="inference passes", disable=not progress, leave=False)
+    for passes in range(1, max_passes + 1):
+        first = passes == 1 and not warm
+        order = range(L) if passes % 2 else range(L - 1, -1, -1)
+        improved = 0.0
+        for layer in order:
+            bar.update(1)
+            if deadline is not None and time.perf_counter() > deadline:
+                break
+            if first and layer == 0:
+                continue
+            items = layers[layer]
+            linear = inference_linear_cost(layer, layers, transitions, hops, E, use_next=not first)
+            current = float(linear[np.arange(len(items.ranks)), items.ranks].sum())
+            candidates = []
+            if not warm:
+                _, slots = linear_sum_assignment(linear[:, slot_ranks])
+                candidates.append(slot_ranks[slots])
+            candidates.append(items.ranks)
+            best_ranks, best_cost = items.ranks, current
+            affinity = items.affinity()
+            for start in candidates:
+                search = LayerSearch(start, items.loads, rank_nodes, items.threshold, items.excess_budget,
+                                     affinity, 0.0, 0.0, linear=linear, home=items.home,
+                                     max_moved=max_moved, noise=items.noise)
+                if not search.repair():
+                    continue
+                search.improve(deadline)
+                cost = search.cost()
+                if cost < best_cost - search.tolerance:
+                    best_ranks, best_cost = search.rank, cost
+            if best_ranks is not items.ranks:
+                improved += current - best_cost
+                items.ranks = best_ranks
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+        if not first and improved <= 1e-9 * trace.num_tokens:
+            break
+    bar.close()
+    return {"passes": passes}
+
+
+def solve(trace: RoutingTrace, ep_size: int, gpus_per_node: int, objective: str = "training",
+          redundant: int = 0, time_limit: Optional[float] = None, previous: Optional[Placement] = None,
+          max_moved: float = 0.1, balance_slack: float = DEFAULT_BALANCE_SLACK,
+          sampling_noise: bool = True, progress: bool = False) -> SolveResult:
+    """Place the experts of every layer of ``trace`` on ``ep_size`` ranks (see module docstring).
+
+    ``sampling_noise=False`` balances the fitted loads only (the exact MILP's constraint).
+    """
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    objective_weights(objective)
+    check_sizes(trace.num_experts, ep_size, gpus_per_node, redundant)
+    if previous is not None:
+        previous.validate(num_experts=trace.num_experts, num_layers=trace.num_layers, ep_size=ep_size,
+                          source="previous placement")
+        if previous.redundant_slots != redundant:
+            raise FoldingError(f"previous placement has {previous.redundant_slots} redundant slots per "
+                               f"rank but {redundant} were asked for")
+    deadline = None if time_limit is None else start + time_limit
+    slots_per_rank = trace.num_experts // ep_size + redundant
+    rank_nodes = np.arange(ep_size) // gpus_per_node
+    layers = build_items(trace, ep_size, redundant, balance_slack, previous, sampling_noise)
+    budget = None if previous is None else int(np.floor(max_moved * ep_size * slots_per_rank))
+    info = {"objective": objective}
+    if objective == "training":
+        for layer in tqdm(range(trace.num_layers), desc="placing layers", disable=not progress, leave=False):
+            if deadline is not None and time.perf_counter() > deadline:
+                info["stopped_at_layer"] = layer
+                break
+            items = layers[layer]
+            items.ranks = solve_training_layer(items, rank_nodes, slots_per_rank, deadline, budget)
+    else:
+        rank_weight, node_weight = objective_weights("inference")
+        info.update(solve_inference(trace, layers, rank_nodes, slots_per_rank, rank_weight, node_weight,
+                                    deadline, budget, progress))
+    placement = Placement.from_rank_assignment(trace.num_experts, ep_size, gpus_per_node,
+                                               [i.experts for i in layers], [i.ranks for i in layers])
+    return SolveResult(placement, time.perf_counter() - start, info)

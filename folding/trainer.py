@@ -1,0 +1,201 @@
+"""One rank of a Megatron training run: model, DDP, optimizer, schedule, and the weight layout.
+
+``RankTrainer`` builds Megatron's GPTModel chunks for this rank of a folding, loads their weights
+from a full state dict through ``folding.weights``, wraps them in Megatron's DDP, builds
+Megatron's optimizer and learning-rate scheduler, and runs steps with Megatron's pipeline
+schedules (``get_forward_backward_func``: no pipelining, 1F1B, or interleaved).
+It can hand back this rank's parameters, reduced gradients and Adam state as shards, so a driver
+can rebuild full tensors, compare them with a reference, or save them under any folding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+
+from folding.errors import FoldingError
+from folding.mesh import FoldingSpec
+from folding.model import (MoERouting, build_model_chunks, build_optimizer, transformer_config,
+                           wrap_ddp)
+from folding.recipe import ModelArch, TrainingSetup
+from folding.weights import ShardKey, full_param_shapes, named_parameters_of_chunks, shard
+
+
+def init_full_weights(arch: ModelArch, std: float, seed: int) -> Dict[str, torch.Tensor]:
+    """Full-model weights drawn as Megatron initialises them: N(0, std) for weights, N(0,
+    std / sqrt(2 L)) for the output projections of attention and MLPs, ones for norms.
+
+    Drawing them once, in full, makes a run's starting point independent of its folding.
+    """
+    g = torch.Generator().manual_seed(seed)
+    scaled = std / math.sqrt(2.0 * arch.num_layers)
+    out = {}
+    for name, shape in full_param_shapes(arch).items():
+        if name.endswith("layernorm.weight") or name.endswith("layer_norm_weight"):
+            out[name] = torch.ones(shape)
+        elif name.endswith("linear_proj.weight") or name.endswith("linear_fc2.weight"):
+            out[name] = torch.randn(shape, generator=g) * scaled
+        else:
+            out[name] = torch.randn(shape, generator=g) * std
+    return out
+
+
+def forward_step(data_iterator, model):
+    """Megatron forward-step function: LM loss summed over tokens, with the token count."""
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+
+    def loss_func(output_tensor):
+        losses = output_tensor.float().reshape(-1)
+        total = losses.sum()
+        count = torch.tensor(losses.numel(), dtype=torch.int)
+        return total, count, {"lm loss": torch.stack([total.detach(), count.float()])}
+
+    return output, loss_func
+
+
+@dataclass
+class StepResult:
+    loss: float
+    """Mean LM loss (nats per token) over the global batch."""
+    grad_norm: Optional[float]
+    """Global gradient norm before clipping, as Megatron's optimizer reports it."""
+    grads: Optional[Dict[ShardKey, torch.Tensor]] = None
+    """This rank's reduced gradients, when asked for."""
+
+
+class RankTrainer:
+    """Everything one rank needs to train a folded model with Megatron's own components."""
+
+    def __init__(self, arch: ModelArch, training: TrainingSetup, spec: FoldingSpec,
+                 routing: Optional[MoERouting] = None,
+                 full_weights: Optional[Dict[str, torch.Tensor]] = None):
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        from folding.parallel_state import initialize
+
+        if spec.cp > 1 and not torch.cuda.is_available():
+            raise FoldingError("CP>1 needs Transformer Engine's attention, which needs a GPU; "
+                               "on CPU use CP=1")
+        self.arch, self.training, self.spec = arch, training, spec
+        self.routing = routing or MoERouting.from_training(training)
+        self.rank = dist.get_rank()
+        if not ps.model_parallel_is_initialized():
+            initialize(spec)
+        model_parallel_cuda_manual_seed(training.seed)
+        self.config = transformer_config(arch, training, spec, self.routing)
+        self.chunks = build_model_chunks(arch, training, spec, self.routing, self.config)
+        if full_weights is None:
+            full_weights = init_full_weights(arch, training.init_method_std, training.seed)
+        self.load_params(shard(full_weights, arch, spec, self.rank))
+        self.ddp = wrap_ddp(self.chunks, training.use_distributed_optimizer)
+        self.optimizer = build_optimizer(self.ddp, training)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if training.lr_warmup_iters else training.lr,
+            max_lr=training.lr, min_lr=training.min_lr,
+            lr_warmup_steps=training.lr_warmup_iters,
+            lr_decay_steps=max(training.train_iters, training.lr_warmup_iters + 1),
+            lr_decay_style=training.lr_decay_style, start_wd=training.weight_decay,
+            end_wd=training.weight_decay, wd_incr_steps=max(training.train_iters, 1),
+            wd_incr_style="constant")
+        self.config.finalize_model_grads_func = finalize_model_grads
+        self.config.grad_scale_func = self.optimizer.scale_loss
+        self.config.no_sync_func = ([d.no_sync for d in self.ddp] if len(self.ddp) > 1
+                                    else self.ddp[0].no_sync)
+        self.params = named_parameters_of_chunks(self.chunks)
+        self.steps_done = 0
+
+    # --------------------------------------------------------------------------- state
+    def load_params(self, local: Dict[ShardKey, torch.Tensor]) -> None:
+        params = named_parameters_of_chunks(self.chunks)
+        missing = sorted(set(params) - set(local))
+        if missing:
+            raise FoldingError(f"rank {self.rank}: no weights for {missing[0][1]} (chunk {missing[0][0]})")
+        with torch.no_grad():
+            for key, param in params.items():
+                param.copy_(local[key])
+
+    def param_shard(self) -> Dict[ShardKey, torch.Tensor]:
+        return {k: p.detach().clone() for k, p in self.params.items()}
+
+    def grad_shard(self) -> Dict[ShardKey, torch.Tensor]:
+        """Reduced gradients (Megatron's main_grad) of this rank's parameters."""
+        return {k: p.main_grad.detach().float().clone() for k, p in self.params.items()}
+
+    def _adam_states(self):
+        """(shard key, Adam state dict) for every parameter this rank optimises."""
+        key_of = {id(p): k for k, p in self.params.items()}
+        optimizers = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        for opt in optimizers:
+            if type(opt).__name__ != "FP32Optimizer":
+                raise FoldingError(f"optimizer state moves only for fp32 training, not "
+                                   f"{type(opt).__name__}")
+            inner = opt.optimizer
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    yield key_of[id(p)], inner.state[p]
+
+    def optimizer_shard(self) -> Dict[str, Dict[ShardKey, torch.Tensor]]:
+        out: Dict[str, Dict[ShardKey, torch.Tensor]] = {"exp_avg": {}, "exp_avg_sq": {}, "step": {}}
+        for key, state in self._adam_states():
+            for field in out:
+                if field in state:
+                    value = state[field]
+                    out[field][key] = value.clone() if torch.is_tensor(value) else torch.tensor(value)
+        return out
+
+    def load_optimizer_shard(self, local: Dict[str, Dict[ShardKey, torch.Tensor]]) -> None:
+        for key, state in self._adam_states():
+            param = self.params[key]
+            for field, values in local.items():
+                if key in values:
+                    state[field] = values[key].clone().to(param.dtype if field != "step" else
+                                                          values[key].dtype)
+
+    def traffic_report(self):
+        """What the token dispatchers moved, when they count it (None for Megatron's)."""
+        return None
+
+    # --------------------------------------------------------------------------- steps
+    def step(self, micro_batches: List[Dict[str, torch.Tensor]], keep_grads: bool = False) -> StepResult:
+        import torch.distributed as dist
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        for d in self.ddp:
+            d.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        iterators = ([iter(micro_batches) for _ in self.ddp] if len(self.ddp) > 1
+                     else iter(micro_batches))
+        seq_length = micro_batches[0]["tokens"].shape[1]
+        losses = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iterators,
+            model=self.ddp if len(self.ddp) > 1 else self.ddp[0],
+            num_microbatches=len(micro_batches), seq_length=seq_length,
+            micro_batch_size=micro_batches[0]["tokens"].shape[0], forward_only=False)
+        grads = self.grad_shard() if keep_grads else None
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        self.steps_done += 1
+        return StepResult(self._global_loss(losses), grad_norm, grads)
+
+    def _global_loss(self, losses) -> float:
+        """Mean LM loss over the global batch, identical on every rank."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        local = torch.zeros(2, dtype=torch.float64)
+        if ps.is_pipeline_last_stage(ignore_virtual=True) and losses:
+            for item in losses:
+                total, count = item["lm loss"].double()
+                local[0] += total / count
+                local[1] += 1
+        # Each micro-batch's mean is counted once per TP x CP rank of the last stage.
+        dist.all_reduce(local)
+        return float(local[0] / local[1])

@@ -1,0 +1,277 @@
+"""The equivalence checker: a folded run must train exactly like a single process.
+
+``verify(case)`` runs the same model from the same weights on the same batches twice: once in a
+single process (the reference: TP = PP = EP = 1, every micro-batch in turn) and once on local
+gloo ranks in the folding under test. After every step it compares the loss, every reduced
+gradient and every updated parameter. Each rank compares its own shards with the reference
+(through the weight layout), so only per-tensor error sums travel back; every replica of a slice
+(DP, EDP and TP copies) is compared, so a replica that drifted is caught too.
+
+Token dropping in Megatron is decided per rank, over the tokens that rank routes (a TP x CP
+shard of each micro-batch's sequence). The reference therefore applies the same capacity rule
+over the same groups of tokens, so the two runs drop the same tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from folding.errors import FoldingError
+from folding.mesh import FoldingSpec
+from folding.model import MoERouting
+from folding.recipe import Recipe, load_recipe
+
+LOSS_TOLERANCE = 1e-5
+TENSOR_TOLERANCE = 1e-4
+FAULTS = ("skip-expert-dp-reduce", "skip-tp-norm-reduce")
+
+
+@dataclass
+class VerifyCase:
+    """One folding to check, and how to run it."""
+
+    spec: FoldingSpec
+    routing: MoERouting = field(default_factory=MoERouting)
+    recipe: str = "tiny-moe"
+    steps: int = 3
+    seq_len: int = 32
+    micro_batches: int = 2
+    """Micro-batches per data-parallel rank per step."""
+    micro_batch_size: int = 2
+    seed: int = 1234
+    fault: Optional[str] = None
+    """Break the folded run on purpose (one of FAULTS), to show the checker fails."""
+
+    def __post_init__(self):
+        if self.fault is not None and self.fault not in FAULTS:
+            raise FoldingError(f"unknown fault {self.fault!r}; known: {', '.join(FAULTS)}")
+        if self.steps < 1 or self.micro_batches < 1 or self.micro_batch_size < 1:
+            raise FoldingError("steps, micro-batches and micro-batch size must be at least 1")
+        if self.spec.cp > 1 and not torch.cuda.is_available():
+            raise FoldingError("CP>1 needs Transformer Engine's context-parallel attention, which "
+                               "runs only on GPUs; on CPU verify CP=1 foldings")
+        if self.seq_len % (self.spec.tp * self.spec.cp):
+            raise FoldingError(f"seq-len={self.seq_len} is not divisible by TP x CP = "
+                               f"{self.spec.tp * self.spec.cp}")
+
+    def load_recipe(self) -> Recipe:
+        recipe = load_recipe(self.recipe, **self.spec.degrees())
+        training = dataclasses.replace(
+            recipe.training, seq_length=self.seq_len, micro_batch_size=self.micro_batch_size,
+            seed=self.seed, train_iters=max(self.steps, recipe.training.train_iters),
+            global_batch_size=self.global_sequences)
+        return dataclasses.replace(recipe, training=training)
+
+    @property
+    def global_sequences(self) -> int:
+        return self.spec.dp * self.micro_batches * self.micro_batch_size
+
+    def reference_spec(self) -> FoldingSpec:
+        return FoldingSpec(world_size=1, gpus_per_node=1)
+
+
+@dataclass
+class StepComparison:
+    step: int
+    loss_reference: float
+    loss_folded: float
+    loss_rel_diff: float
+    grad_rel_diff: Dict[str, float]
+    param_rel_diff: Dict[str, float]
+
+    @property
+    def worst_grad(self) -> Tuple[str, float]:
+        return max(self.grad_rel_diff.items(), key=lambda kv: kv[1])
+
+    @property
+    def worst_param(self) -> Tuple[str, float]:
+        return max(self.param_rel_diff.items(), key=lambda kv: kv[1])
+
+
+@dataclass
+class VerifyReport:
+    case: VerifyCase
+    steps: List[StepComparison]
+    traffic: Optional[list] = None
+
+    @property
+    def max_loss_rel_diff(self) -> float:
+        return max(s.loss_rel_diff for s in self.steps)
+
+    @property
+    def max_grad_rel_diff(self) -> float:
+        return max(s.worst_grad[1] for s in self.steps)
+
+    @property
+    def max_param_rel_diff(self) -> float:
+        return max(s.worst_param[1] for s in self.steps)
+
+    @property
+    def passed(self) -> bool:
+        return (self.max_loss_rel_diff <= LOSS_TOLERANCE and self.max_grad_rel_diff <= TENSOR_TOLERANCE
+                and self.max_param_rel_diff <= TENSOR_TOLERANCE)
+
+    def to_json(self) -> dict:
+        folding = self.case.spec.degrees()
+        folding.update(dispatcher=self.case.routing.dispatcher,
+                       capacity_factor=self.case.routing.capacity_factor,
+                       drop_policy=self.case.routing.drop_policy,
+                       pad_to_capacity=self.case.routing.pad_to_capacity)
+        out = {"folding": folding, "steps": len(self.steps),
+               "max_loss_rel_diff": self.max_loss_rel_diff,
+               "max_grad_rel_diff": self.max_grad_rel_diff,
+               "max_param_rel_diff": self.max_param_rel_diff,
+               "passed": self.passed}
+        if self.traffic is not None:
+            out["traffic"] = self.traffic
+        return out
+
+
+# ------------------------------------------------------------------------------ rank bodies
+def _grouped_token_dropping(groups: int):
+    """Megatron's capacity rule applied separately to ``groups`` contiguous token groups: the
+    tokens each TP x CP rank routes in the folded run."""
+    from megatron.core.transformer.moe import moe_utils
+
+    original = moe_utils.apply_router_token_dropping
+
+    def apply(probs, routing_map, *args, **kwargs):
+        if groups == 1:
+            return original(probs, routing_map, *args, **kwargs)
+        parts = [original(p, m, *args, **kwargs)
+                 for p, m in zip(probs.chunk(groups), routing_map.chunk(groups))]
+        return torch.cat([p for p, _ in parts]), torch.cat([m for _, m in parts])
+
+    return apply
+
+
+def _micro_batches_for(case: VerifyCase, spec: FoldingSpec, rank: int, step: int, corpus):
+    from folding.data import micro_batches
+
+    batch = corpus.global_batch(case.seed, step, case.global_sequences, case.seq_len)
+    dp_rank = spec.coordinates(rank)["attention"]["dp"]
+    per_rank = case.micro_batches * case.spec.dp // spec.dp
+    return micro_batches(batch, dp_rank, spec.dp, per_rank, case.micro_batch_size)
+
+
+def _reference_rank(rank: int, world: int, case: VerifyCase, out_path: str) -> int:
+    """Single-process run; writes per-step loss, full grads and full params to ``out_path``."""
+    from folding.data import ByteCorpus
+    from folding.runtime.cpu import enable
+    from folding.trainer import RankTrainer
+    from folding.weights import unshard
+
+    enable()
+    from megatron.core.transformer.moe import router
+
+    recipe = case.load_recipe()
+    spec = case.reference_spec()
+    routing = dataclasses.replace(case.routing, dispatcher="alltoall")
+    groups = case.spec.tp * case.spec.cp if case.spec.sequence_parallel or case.spec.cp > 1 else 1
+    router.apply_router_token_dropping = _grouped_token_dropping(groups)
+    trainer = RankTrainer(recipe.model, recipe.training, spec, routing)
+    corpus = ByteCorpus(recipe.training.data)
+    record = []
+    for step in range(case.steps):
+        result = trainer.step(_micro_batches_for(case, spec, rank, step, corpus), keep_grads=True)
+        record.append({"loss": result.loss,
+                       "grads": unshard([result.grads], recipe.model, spec),
+                       "params": unshard([trainer.param_shard()], recipe.model, spec)})
+    torch.save(record, out_path)
+    return case.steps
+
+
+def _error_sums(local: Dict, reference_full: Dict, arch, spec: FoldingSpec, rank: int):
+    """{(full name, slice index): (||a-b||^2, ||b||^2)} for this rank's shard."""
+    from folding.weights import _split_index, local_to_full_name, param_rule, slice_for
+
+    out = {}
+    for (vp_stage, name), tensor in local.items():
+        full_name = local_to_full_name(name, arch, spec, rank, vp_stage)
+        rule = param_rule(full_name, arch.swiglu)
+        index, parts = _split_index(rule, spec, rank)
+        expected = slice_for(reference_full[full_name], rule, index, parts)
+        diff = (tensor.double() - expected.double()).pow(2).sum().item()
+        out[(full_name, index)] = (diff, expected.double().pow(2).sum().item())
+    return out
+
+
+def _break(trainer, fault: Optional[str]) -> None:
+    """Deliberately wrong gradient reductions, to prove the checker catches them."""
+    if fault == "skip-expert-dp-reduce":
+        for d in trainer.ddp:
+            d.expert_parallel_bucket_groups = []
+    elif fault == "skip-tp-norm-reduce":
+        for param in trainer.params.values():
+            if getattr(param, "sequence_parallel", False):
+                param.sequence_parallel = False
+
+
+def _folded_rank(rank: int, world: int, case: VerifyCase, reference_path: str):
+    from folding.data import ByteCorpus
+    from folding.runtime.cpu import enable
+    from folding.trainer import RankTrainer
+
+    enable()
+    recipe = case.load_recipe()
+    trainer = RankTrainer(recipe.model, recipe.training, case.spec, case.routing)
+    _break(trainer, case.fault)
+    reference = torch.load(reference_path, weights_only=False)
+    corpus = ByteCorpus(recipe.training.data)
+    steps = []
+    for step in range(case.steps):
+        result = trainer.step(_micro_batches_for(case, case.spec, rank, step, corpus), keep_grads=True)
+        steps.append({"loss": result.loss,
+                      "grads": _error_sums(result.grads, reference[step]["grads"], recipe.model,
+                                           case.spec, rank),
+                      "params": _error_sums(trainer.param_shard(), reference[step]["params"],
+                                            recipe.model, case.spec, rank),
+                      "traffic": trainer.traffic_report()})
+    return steps
+
+
+def _relative_by_tensor(per_rank: List[Dict]) -> Dict[str, float]:
+    """Per full tensor ||a-b|| / ||b||, taking the worst replica of every slice."""
+    worst: Dict[Tuple[str, int], Tuple[float, float]] = {}
+    for sums in per_rank:
+        for key, (diff, ref) in sums.items():
+            if key not in worst or diff > worst[key][0]:
+                worst[key] = (diff, ref)
+    totals: Dict[str, List[float]] = {}
+    for (name, _), (diff, ref) in worst.items():
+        t = totals.setdefault(name, [0.0, 0.0])
+        t[0] += diff
+        t[1] += ref
+    return {name: (math.sqrt(d) / math.sqrt(r) if r > 0 else (0.0 if d == 0 else math.inf))
+            for name, (d, r) in totals.items()}
+
+
+def verify(case: VerifyCase, timeout_s: float = 1200) -> VerifyReport:
+    """Run the reference and the folded model; compare them step by step."""
+    from folding.launch import run_ranks
+
+    with tempfile.TemporaryDirectory(prefix="folding-verify-") as tmp:
+        reference_path = os.path.join(tmp, "reference.pt")
+        run_ranks(_reference_rank, 1, case, reference_path, timeout_s=timeout_s)
+        reference = torch.load(reference_path, weights_only=False)
+        ranks = run_ranks(_folded_rank, case.spec.world_size, case, reference_path,
+                          timeout_s=timeout_s)
+    comparisons = []
+    for step in range(case.steps):
+        losses = {r[step]["loss"] for r in ranks}
+        folded_loss = max(losses, key=lambda l: abs(l - reference[step]["loss"]))
+        ref_loss = reference[step]["loss"]
+        comparisons.append(StepComparison(
+            step=step, loss_reference=ref_loss, loss_folded=folded_loss,
+            loss_rel_diff=abs(folded_loss - ref_loss) / abs(ref_loss),
+            grad_rel_diff=_relative_by_tensor([r[step]["grads"] for r in ranks]),
+            param_rel_diff=_relative_by_tensor([r[step]["params"] for r in ranks])))
+    traffic = [r[-1]["traffic"] for r in ranks] if ranks[0][-1]["traffic"] is not None else None
+    return VerifyReport(case, comparisons, traffic)

@@ -1,0 +1,290 @@
+"""Weight layout: where every parameter of a GPT + MoE model lives under a folding.
+
+The *full* model is the one a single process holds (TP = PP = EP = 1): parameter names as in
+Megatron's GPTModel, layers numbered 0..L-1, experts 0..E-1. A *shard* is what one rank holds:
+for each virtual pipeline chunk, the parameters of that chunk under their local names (local
+layer and expert indices), sliced for the rank's TP or ETP position.
+
+Rules, one per kind of parameter (``ParamRule``):
+- TP column split (dim 0): QKV (query groups stay whole, so contiguous slices are correct),
+  vocabulary of embedding and output layer, dense and shared-expert fc1;
+- TP row split (dim 1): attention output projection, dense and shared-expert fc2;
+- ETP column/row split for each expert's fc1/fc2; EP decides which experts a rank holds;
+- SwiGLU fc1 holds [gate; up]: each TP/ETP rank takes its slice of *both* halves;
+- norms, the router and biases of row-parallel layers are replicated;
+- PP/VPP decide which layers a chunk holds; the embedding lives on the first stage, the final
+  norm and output layer on the last.
+
+``shard`` and ``unshard`` are exact inverses (no arithmetic, only slicing and concatenation),
+pure functions of tensors and a ``FoldingSpec``. The same rules move optimizer state, checkpoints
+and experts between ranks.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+import torch
+
+from folding.errors import FoldingError
+from folding.mesh import FoldingSpec
+from folding.recipe import ModelArch
+
+ShardKey = Tuple[int, str]  # (virtual pipeline chunk, local parameter name)
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+# SequentialMLP names experts local_experts.<j>.*; TE's grouped GEMM names weights weight<j>.
+_SEQUENTIAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.*)$")
+_GROUPED_EXPERT = re.compile(r"^mlp\.experts\.(linear_fc[12])\.(weight|bias)(\d+)$")
+
+
+@dataclass(frozen=True)
+class ParamRule:
+    """How one parameter is split."""
+
+    group: Optional[str]
+    """'tp' (attention mesh), 'etp' (MoE mesh), or None for a replicated parameter."""
+    dim: int = 0
+    """Dimension that is split."""
+    gated: bool = False
+    """SwiGLU fc1: [gate; up] halves are split separately."""
+
+
+REPLICATED = ParamRule(None)
+
+
+def _rule_in_layer(rest: str, swiglu: bool) -> ParamRule:
+    """The rule of a parameter inside a transformer layer, by its name after the layer index."""
+    if rest.startswith("self_attention.linear_qkv.") and not rest.endswith("layer_norm_weight") \
+            and not rest.endswith("layer_norm_bias"):
+        return ParamRule("tp", 0)
+    if rest == "self_attention.linear_proj.weight":
+        return ParamRule("tp", 1)
+    expert = _SEQUENTIAL_EXPERT.match(rest)
+    if expert or _GROUPED_EXPERT.match(rest):
+        leaf = expert.group(2) if expert else "{}.{}".format(*_GROUPED_EXPERT.match(rest).group(1, 2))
+        if leaf.startswith("linear_fc1.") and "layer_norm" not in leaf:
+            return ParamRule("etp", 0, gated=swiglu)
+        if leaf == "linear_fc2.weight":
+            return ParamRule("etp", 1)
+        return REPLICATED
+    for mlp in ("mlp.", "mlp.shared_experts."):
+        if rest in (mlp + "linear_fc1.weight", mlp + "linear_fc1.bias"):
+            return ParamRule("tp", 0, gated=swiglu)
+        if rest == mlp + "linear_fc2.weight":
+            return ParamRule("tp", 1)
+    return REPLICATED
+
+
+def param_rule(full_name: str, swiglu: bool) -> ParamRule:
+    if full_name in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        return ParamRule("tp", 0)
+    layer = _LAYER.match(full_name)
+    if layer:
+        return _rule_in_layer(layer.group(2), swiglu)
+    return REPLICATED
+
+
+# ------------------------------------------------------------------------------- name mapping
+def layers_per_chunk(arch: ModelArch, spec: FoldingSpec) -> int:
+    chunks = spec.pp * (spec.vpp or 1)
+    if arch.num_layers % chunks:
+        raise FoldingError(f"num_layers={arch.num_layers} is not divisible by PP x VPP = {chunks}")
+    return arch.num_layers // chunks
+
+
+def chunk_layers(arch: ModelArch, spec: FoldingSpec, pp_rank: int, vp_stage: int) -> range:
+    """Global layer indices of one pipeline chunk (Megatron's interleaved assignment)."""
+    per = layers_per_chunk(arch, spec)
+    first = (vp_stage * spec.pp + pp_rank) * per
+    return range(first, first + per)
+
+
+def _expert_name(rest: str, expert_offset: int, to_global: bool, experts_per_rank: int) -> Optional[str]:
+    """Translate the expert index inside ``rest``; None if the expert is not on this EP rank."""
+    m = _SEQUENTIAL_EXPERT.match(rest)
+    if m:
+        idx, leaf, fmt = int(m.group(1)), m.group(2), "mlp.experts.local_experts.{}.{}"
+    else:
+        m = _GROUPED_EXPERT.match(rest)
+        if not m:
+            return rest
+        idx, leaf = int(m.group(3)), None
+        fmt = "mlp.experts.{}.{}{{}}".format(m.group(1), m.group(2))
+    if to_global:
+        new = idx + expert_offset
+    else:
+        if not expert_offset <= idx < expert_offset + experts_per_rank:
+            return None
+        new = idx - expert_offset
+    return fmt.format(new, leaf) if leaf is not None else fmt.format(new)
+
+
+def local_to_full_name(local: str, arch: ModelArch, spec: FoldingSpec, rank: int, vp_stage: int) -> str:
+    coords = spec.coordinates(rank)
+    layer = _LAYER.match(local)
+    if not layer:
+        return local
+    global_layer = chunk_layers(arch, spec, coords["attention"]["pp"], vp_stage)[int(layer.group(1))]
+    per_rank = (arch.num_experts or 1) // spec.ep
+    rest = _expert_name(layer.group(2), coords["moe"]["ep"] * per_rank, True, per_rank)
+    return f"decoder.layers.{global_layer}.{rest}"
+
+
+def full_to_local_name(full: str, arch: ModelArch, spec: FoldingSpec, rank: int) -> Optional[ShardKey]:
+    """(vp_stage, local name) of a full parameter on ``rank``, or None if the rank lacks it."""
+    coords = spec.coordinates(rank)
+    pp_rank, last_pp = coords["attention"]["pp"], spec.pp - 1
+    vpp = spec.vpp or 1
+    if full.startswith("embedding."):
+        return (0, full) if pp_rank == 0 else None
+    if full.startswith("output_layer.") or full.startswith("decoder.final_layernorm."):
+        return (vpp - 1, full) if pp_rank == last_pp else None
+    layer = _LAYER.match(full)
+    if not layer:
+        raise FoldingError(f"parameter {full!r} has no known place in the weight layout")
+    global_layer, per = int(layer.group(1)), layers_per_chunk(arch, spec)
+    chunk, local_layer = divmod(global_layer, per)
+    vp_stage, owner_pp = divmod(chunk, spec.pp)
+    if owner_pp != pp_rank:
+        return None
+    per_rank = (arch.num_experts or 1) // spec.ep
+    rest = _expert_name(layer.group(2), coords["moe"]["ep"] * per_rank, False, per_rank)
+    if rest is None:
+        return None
+    return vp_stage, f"decoder.layers.{local_layer}.{rest}"
+
+
+# ------------------------------------------------------------------------------- slicing
+def _split_index(rule: ParamRule, spec: FoldingSpec, rank: int) -> Tuple[int, int]:
+    """(position, group size) of ``rank`` in the group that splits a parameter."""
+    coords = spec.coordinates(rank)
+    if rule.group == "tp":
+        return coords["attention"]["tp"], spec.tp
+    if rule.group == "etp":
+        return coords["moe"]["etp"], spec.etp
+    return 0, 1
+
+
+def slice_for(full: torch.Tensor, rule: ParamRule, index: int, parts: int) -> torch.Tensor:
+    """The ``index``-th of ``parts`` slices of a full tensor under ``rule``."""
+    if parts == 1 or rule.group is None:
+        return full
+    dim = rule.dim if full.dim() > rule.dim else 0
+    if full.shape[dim] % (parts * (2 if rule.gated else 1)):
+        raise FoldingError(f"dimension {dim} of size {full.shape[dim]} does not split into {parts} parts")
+    if rule.gated:
+        halves = full.chunk(2, dim=dim)
+        return torch.cat([h.chunk(parts, dim=dim)[index] for h in halves], dim=dim)
+    return full.chunk(parts, dim=dim)[index]
+
+
+def join_slices(slices: List[torch.Tensor], rule: ParamRule) -> torch.Tensor:
+    """Inverse of ``slice_for`` over all indices."""
+    if len(slices) == 1 or rule.group is None:
+        return slices[0]
+    dim = rule.dim if slices[0].dim() > rule.dim else 0
+    if rule.gated:
+        halves = [s.chunk(2, dim=dim) for s in slices]
+        return torch.cat([torch.cat([h[0] for h in halves], dim=dim),
+                          torch.cat([h[1] for h in halves], dim=dim)], dim=dim)
+    return torch.cat(slices, dim=dim)
+
+
+# ------------------------------------------------------------------------------- whole models
+def shard(full: Dict[str, torch.Tensor], arch: ModelArch, spec: FoldingSpec,
+          rank: int) -> Dict[ShardKey, torch.Tensor]:
+    """What ``rank`` holds of a full state dict: {(vp_stage, local name): tensor}."""
+    out = {}
+    for name, tensor in full.items():
+        key = full_to_local_name(name, arch, spec, rank)
+        if key is None:
+            continue
+        rule = param_rule(name, arch.swiglu)
+        out[key] = slice_for(tensor, rule, *_split_index(rule, spec, rank))
+    return out
+
+
+def unshard(shards: List[Dict[ShardKey, torch.Tensor]], arch: ModelArch, spec: FoldingSpec,
+            check_replicas: bool = True) -> Dict[str, torch.Tensor]:
+    """Rebuild the full state dict from every rank's shard (``shards[rank]``).
+
+    With ``check_replicas``, copies of the same slice on different ranks (DP, EDP, TP for
+    replicated parameters) must be bit-identical, or FoldingError names the first that is not.
+    """
+    if len(shards) != spec.world_size:
+        raise FoldingError(f"unshard needs {spec.world_size} shards, got {len(shards)}")
+    pieces: Dict[str, Dict[int, torch.Tensor]] = {}
+    owners: Dict[Tuple[str, int], int] = {}
+    parts_of: Dict[str, int] = {}
+    for rank, local in enumerate(shards):
+        for (vp_stage, local_name), tensor in local.items():
+            name = local_to_full_name(local_name, arch, spec, rank, vp_stage)
+            rule = param_rule(name, arch.swiglu)
+            index, parts = _split_index(rule, spec, rank)
+            parts_of[name] = parts
+            slot = pieces.setdefault(name, {})
+            if index in slot:
+                if check_replicas and not torch.equal(slot[index], tensor):
+                    raise FoldingError(f"{name}: ranks {owners[(name, index)]} and {rank} hold "
+                                       f"different copies of slice {index}")
+                continue
+            slot[index] = tensor
+            owners[(name, index)] = rank
+    full = {}
+    for name, slot in pieces.items():
+        parts = parts_of[name]
+        if sorted(slot) != list(range(parts)):
+            raise FoldingError(f"{name}: slices {sorted(set(range(parts)) - set(slot))} are missing")
+        full[name] = join_slices([slot[i] for i in range(parts)], param_rule(name, arch.swiglu))
+    return full
+
+
+def full_param_shapes(arch: ModelArch) -> Dict[str, Tuple[int, ...]]:
+    """Names and shapes of the full model's parameters (Megatron's local spec, no biases)."""
+    h, d = arch.hidden_size, arch.head_dim
+    qkv = (arch.num_attention_heads + 2 * arch.query_groups) * d
+    fc1 = lambda f: (2 * f if arch.swiglu else f, h)  # noqa: E731
+    shapes: Dict[str, Tuple[int, ...]] = {"embedding.word_embeddings.weight": (arch.vocab_size, h)}
+    for layer, is_moe in enumerate(arch.moe_layer_pattern()):
+        p = f"decoder.layers.{layer}."
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "self_attention.linear_qkv.weight"] = (qkv, h)
+        shapes[p + "self_attention.linear_proj.weight"] = (h, arch.num_attention_heads * d)
+        if arch.qk_layernorm:
+            shapes[p + "self_attention.q_layernorm.weight"] = (d,)
+            shapes[p + "self_attention.k_layernorm.weight"] = (d,)
+        shapes[p + "pre_mlp_layernorm.weight"] = (h,)
+        if is_moe:
+            shapes[p + "mlp.router.weight"] = (arch.num_experts, h)
+            f = arch.expert_ffn_hidden_size
+            for e in range(arch.num_experts):
+                shapes[p + f"mlp.experts.local_experts.{e}.linear_fc1.weight"] = fc1(f)
+                shapes[p + f"mlp.experts.local_experts.{e}.linear_fc2.weight"] = (h, f)
+            if arch.moe_shared_expert_intermediate_size:
+                s = arch.moe_shared_expert_intermediate_size
+                shapes[p + "mlp.shared_experts.linear_fc1.weight"] = fc1(s)
+                shapes[p + "mlp.shared_experts.linear_fc2.weight"] = (h, s)
+        else:
+            shapes[p + "mlp.linear_fc1.weight"] = fc1(arch.ffn_hidden_size)
+            shapes[p + "mlp.linear_fc2.weight"] = (h, arch.ffn_hidden_size)
+    shapes["decoder.final_layernorm.weight"] = (h,)
+    if arch.untie_embeddings_and_output_weights:
+        shapes["output_layer.weight"] = (arch.vocab_size, h)
+    return shapes
+
+
+def named_parameters_of_chunks(chunks: Iterable[torch.nn.Module]) -> Dict[ShardKey, torch.nn.Parameter]:
+    """{(vp_stage, local name): parameter} of a rank's model chunks (DDP wrappers unwrapped)."""
+    out = {}
+    for vp_stage, chunk in enumerate(chunks):
+        module = getattr(chunk, "module", chunk)
+        for name, param in module.named_parameters():
+            out[(vp_stage, name)] = param
+    return out
+
+
+def map_shard(local: Dict[ShardKey, torch.Tensor], fn: Callable[[torch.Tensor], torch.Tensor]):
+    return {k: fn(v) for k, v in local.items()}
