@@ -13,7 +13,7 @@ from typing import List, Optional
 
 from folding.errors import FoldingError
 
-COMMANDS = ("mesh",)
+COMMANDS = ("mesh", "plan", "mfu", "flags")
 
 
 class OneLineParser(argparse.ArgumentParser):

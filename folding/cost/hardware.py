@@ -39,6 +39,11 @@ class HardwareProfile:
     attention_efficiency: float = 0.5
     """Assumption: fraction of peak fused causal attention reaches, forward and backward
     together (FlashAttention-2/cuDNN class kernels on Hopper)."""
+    attention_half_efficiency_tokens: int = 300
+    """Assumption: fused attention reaches attention_efficiency x L / (L + this) on key blocks of
+    L tokens (the shape of FlashAttention-2's published causal forward+backward throughput
+    against sequence length, head dim 128: about 61% of its long-sequence rate at 512 tokens, 78%
+    at 1K, 94% at 4K). Context parallelism shortens the blocks to seq / (2 CP)."""
     nvlink_efficiency: float = 0.8
     """Assumption: NCCL bus bandwidth over NVLink as a fraction of the link rate (nccl-tests on
     8-GPU H100 nodes report about 360 GB/s of 450 GB/s without NVLink SHARP)."""

@@ -486,12 +486,8 @@ def stage_memory(arch: ModelArch, training: TrainingSetup, spec: FoldingSpec, pp
 
     pattern = model.pattern
     chunks = spec.vpp or 1
-    per_chunk = []
-    for chunk in range(chunks):
-        layers = stage_layer_indices(arch, spec.pp, spec.vpp, pp_rank, chunk if spec.vpp else None)
-        moe = sum(pattern[i] for i in layers)
-        per_chunk.append(moe * acts.layer(spec, True, mbs, recompute)
-                         + (len(layers) - moe) * acts.layer(spec, False, mbs, recompute))
+    per_chunk = [moe * acts.layer(spec, True, mbs, recompute) + dense * acts.layer(spec, False, mbs, recompute)
+                 for moe, dense in model.chunk_layer_kinds(spec.pp, spec.vpp, pp_rank)]
     m = num_microbatches(training, spec, mbs)
     in_flight = in_flight_micro_batches(spec.pp, spec.vpp, pp_rank, m)
     # Chunk micro-batches in flight are spread over the chunks; the average chunk is exact for

@@ -78,10 +78,12 @@ def padded_vocab_size(arch: ModelArch, tp: int) -> int:
 def expert_gradients_over_edp(spec: FoldingSpec) -> bool:
     """Whether routed-expert gradients are reduced (and their optimizer state sharded) over EDP.
 
-    Megatron marks expert parameters ``allreduce=False`` only when EP > 1; with EP = 1 they
-    join the dense gradient buffer and are reduced over DP x CP.
+    Megatron marks expert parameters ``allreduce=False`` when EP > 1 or ETP != TP; otherwise
+    EDP equals DP x CP and they join the dense gradient buffer. (megatron-core 0.16 tests EP > 1
+    only, so with EP = 1 and ETP != TP it reduces expert gradients over DP x CP, the wrong
+    group; the planner does not propose that layout.)
     """
-    return spec.ep > 1
+    return spec.ep > 1 or spec.etp != spec.tp
 
 
 def count_by_kind(params: List[ParamTensor]) -> ParamCounts:
@@ -277,6 +279,20 @@ class ParameterModel:
         self.max_sequence_length = max_sequence_length
         self.pattern = arch.moe_layer_pattern()
         self._layer: Dict[Tuple[bool, int, int, int], ParamCounts] = {}
+        self._rank: Dict[tuple, ParamCounts] = {}
+        self._kinds: Dict[tuple, List[Tuple[int, int]]] = {}
+
+    def chunk_layer_kinds(self, pp: int, vpp: Optional[int], pp_rank: int) -> List[Tuple[int, int]]:
+        """(MoE layers, dense layers) of each model chunk of a pipeline rank."""
+        key = (pp, vpp, pp_rank)
+        if key not in self._kinds:
+            kinds = []
+            for chunk in range(vpp or 1):
+                layers = stage_layer_indices(self.arch, pp, vpp, pp_rank, chunk if vpp else None)
+                moe = sum(self.pattern[i] for i in layers)
+                kinds.append((moe, len(layers) - moe))
+            self._kinds[key] = kinds
+        return self._kinds[key]
 
     def layer_counts(self, is_moe: bool, tp: int, etp: int, ep: int) -> ParamCounts:
         key = (is_moe, tp, etp, ep)
@@ -314,10 +330,13 @@ class ParameterModel:
 
     def rank_counts(self, spec: FoldingSpec, pp_rank: int) -> ParamCounts:
         """All model chunks of one pipeline rank."""
-        total = ParamCounts()
-        for chunk in range(spec.vpp or 1):
-            total = total + self.chunk_counts(spec, pp_rank, chunk if spec.vpp else None)
-        return total
+        key = (spec.tp, spec.etp, spec.ep, spec.pp, spec.vpp, pp_rank)
+        if key not in self._rank:
+            total = ParamCounts()
+            for chunk in range(spec.vpp or 1):
+                total = total + self.chunk_counts(spec, pp_rank, chunk if spec.vpp else None)
+            self._rank[key] = total
+        return self._rank[key]
 
     def model_counts(self) -> ParamCounts:
         """The whole model without parallelism (TP = EP = PP = 1)."""

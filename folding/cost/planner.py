@@ -11,7 +11,12 @@ built ``FoldingSpec``, and that it yields every legal folding of a grid.
 
 The search space is limited to what a training job would use: TP and ETP inside a node, CP up
 to ``max_cp`` with the sequence divisible by 2 x CP (Megatron's load-balanced causal split) and by
-TP after it, micro-batch sizes that divide the global batch, and recompute none, selective or full.
+TP after it, ETP = TP when EP = 1 (see ``expert_gradients_over_edp``), micro-batch sizes that
+divide the global batch, micro-batch counts divisible by PP with the interleaved schedule
+(Megatron's schedule requires it), and recompute none, selective or full.
+
+Rows are (folding, micro-batch size, recompute) combinations; ``Plan.foldings_ranked`` keeps
+the fastest row of each folding, which is what the ranked table shows.
 """
 
 from __future__ import annotations
@@ -67,7 +72,9 @@ def enumerate_foldings(arch: ModelArch, gpus: int, gpus_per_node: int, seq_lengt
                     continue
                 for etp in (etps if experts else [tp]):
                     for ep in eps:
-                        if gpus % (etp * ep * pp):
+                        # megatron-core 0.16 reduces expert gradients over EDP only when EP > 1:
+                        # with EP = 1 an expert TP different from TP would sync them wrongly.
+                        if gpus % (etp * ep * pp) or (ep == 1 and etp != tp):
                             continue
                         try:
                             base = FoldingSpec(world_size=gpus, tp=tp, cp=cp, pp=pp, etp=etp, ep=ep,
@@ -122,9 +129,23 @@ class Plan:
     rejected_memory: int
     """Combinations that did not fit in memory."""
 
+    def foldings_ranked(self) -> List[PlanRow]:
+        """The fastest row of each distinct folding, fastest first."""
+        seen, out = set(), []
+        for row in self.rows:
+            key = folding_key(row.spec)
+            if key not in seen:
+                seen.add(key)
+                out.append(row)
+        return out
+
     def rank_of(self, match: Callable[[PlanRow], bool]) -> Optional[int]:
-        """1-based rank of the first row ``match`` accepts."""
-        return next((i + 1 for i, row in enumerate(self.rows) if match(row)), None)
+        """1-based rank, among distinct foldings, of the first one ``match`` accepts."""
+        return next((i + 1 for i, row in enumerate(self.foldings_ranked()) if match(row)), None)
+
+
+def folding_key(spec: FoldingSpec) -> tuple:
+    return (spec.tp, spec.cp, spec.dp, spec.pp, spec.vpp, spec.etp, spec.ep, spec.edp)
 
 
 def same_degrees(spec: FoldingSpec, **degrees) -> bool:
@@ -158,6 +179,8 @@ def plan(arch: ModelArch, training: TrainingSetup, hw: HardwareProfile, gpus: in
         stages = sorted({0, min(1, spec.pp - 1), spec.pp - 1})
         for mbs in micro_batch_sizes:
             if training.global_batch_size % (mbs * spec.dp):
+                continue
+            if spec.vpp and (training.global_batch_size // (mbs * spec.dp)) % spec.pp:
                 continue
             for choice in recompute:
                 evaluated += 1

@@ -5,7 +5,8 @@ Per layer and micro-batch, each GEMM a rank runs costs the larger of its FLOPs a
 achievable GEMM rate and its operand traffic at HBM bandwidth; the backward pass runs the same
 GEMMs twice (input and weight gradients). Fused attention runs at its own achievable rate.
 Element-wise work (norms, activations, permutations) is charged as memory traffic: three passes
-over the bytes the layer saves for backward. Recomputation adds forward work: the whole layer
+over the bytes the layer saves for backward, plus a forward and a backward pass over the MoE
+dispatcher's token buffers. Recomputation adds forward work: the whole layer
 (full) or core attention (selective).
 
 Communication, per layer and micro-batch, forward and backward:
@@ -36,7 +37,7 @@ from folding.cost.flops import layer_flops, training_flops
 from folding.cost.hardware import HardwareProfile
 from folding.cost.memory import (DTYPE_BYTES, ActivationModel, num_microbatches,
                                  sharding_degrees, state_bytes)
-from folding.cost.parameters import ParameterModel, padded_vocab_size, stage_layer_indices
+from folding.cost.parameters import ParameterModel, padded_vocab_size
 from folding.mesh import FoldingSpec
 from folding.recipe import ModelArch, TrainingSetup
 
@@ -163,9 +164,12 @@ class StepTimeModel:
         seq = self.training.seq_length
 
         attention = self._attention_forward(T, tp)
-        # Megatron's causal core-attention FLOPs (forward third) for this rank's queries.
+        # Megatron's causal core-attention FLOPs (forward third) for this rank's queries, on
+        # key blocks of seq / (2 CP) tokens with context parallelism (load-balanced halves).
+        block = seq / (2 * cp) if cp > 1 else seq
+        efficiency = hw.attention_efficiency * block / (block + hw.attention_half_efficiency_tokens)
         core = (self.flops.attention_core_per_position / 3 * T * seq / tp
-                / (hw.peak_tflops * 1e12 * hw.attention_efficiency))
+                / (hw.peak_tflops * 1e12 * efficiency))
         if is_moe:
             experts_here = arch.num_experts // spec.ep
             per_expert = shape.expert_tokens / experts_here
@@ -176,8 +180,10 @@ class StepTimeModel:
         else:
             mlp = self._mlp_forward(T, arch.ffn_hidden_size, tp)
         forward = attention + core + mlp
-        elementwise = (ELEMENTWISE_PASSES * self.acts.layer(spec, is_moe, mbs, "none")
-                       / (hw.hbm_gbps * 1e9))
+        moved = ELEMENTWISE_PASSES * self.acts.layer(spec, is_moe, mbs, "none")
+        if is_moe:  # permutation and un-permutation copy every token buffer, forward and backward
+            moved += 2 * self.acts.dispatcher(spec, mbs)
+        elementwise = moved / (hw.hbm_gbps * 1e9)
         compute = 3 * forward + elementwise
         if recompute == "full":
             compute += forward + elementwise / ELEMENTWISE_PASSES
@@ -233,14 +239,11 @@ class StepTimeModel:
         total = LayerTime(0.0, 0.0, 0.0, 0.0)
         heads = 0.0
         pattern = self.params.pattern
-        for chunk in range(spec.vpp or 1):
-            vp = chunk if spec.vpp else None
-            layers = stage_layer_indices(self.arch, spec.pp, spec.vpp, pp_rank, vp)
-            moe = sum(pattern[i] for i in layers)
+        for chunk, (moe, dense) in enumerate(self.params.chunk_layer_kinds(spec.pp, spec.vpp, pp_rank)):
             if moe:
                 total = total + self.layer_time(spec, spans, True, mbs, recompute).scaled(moe)
-            if len(layers) - moe:
-                total = total + self.layer_time(spec, spans, False, mbs, recompute).scaled(len(layers) - moe)
+            if dense:
+                total = total + self.layer_time(spec, spans, False, mbs, recompute).scaled(dense)
             last = pp_rank == spec.pp - 1 and chunk == (spec.vpp or 1) - 1
             if last and self.arch.mtp_num_layers:
                 total = total + self.layer_time(spec, spans, bool(pattern[-1]), mbs, recompute).scaled(

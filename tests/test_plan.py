@@ -1,0 +1,166 @@
+"""The planner: its enumeration against FoldingSpec, group spans against the layout report,
+the alpha-beta and roofline formulas by hand, and the command line."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+
+import pytest
+
+from folding.cost import comm
+from folding.cost.hardware import H100_SXM, H200_SXM
+from folding.cost.memory import peak_memory
+from folding.cost.planner import enumerate_foldings, plan
+from folding.cost.step_time import StepTimeModel
+from folding.errors import InvalidFolding
+from folding.mesh import FoldingSpec
+from folding.recipe import ModelArch, TrainingSetup, load_recipe
+
+MOE = ModelArch(num_layers=8, hidden_size=1024, num_attention_heads=16, num_query_groups=4,
+                vocab_size=32000, ffn_hidden_size=4096, num_experts=8, moe_router_topk=2)
+
+
+def brute_force(arch, gpus, gpus_per_node, seq, max_cp=8):
+    """Every degree combination in the planner's search space that FoldingSpec accepts."""
+    legal = set()
+    for tp, cp, pp, etp, ep in itertools.product(range(1, gpus_per_node + 1), range(1, max_cp + 1),
+                                                 range(1, gpus + 1), range(1, gpus_per_node + 1),
+                                                 range(1, gpus + 1)):
+        if gpus % (tp * cp * pp) or gpus % (etp * ep * pp):
+            continue  # FoldingSpec rejects these too; skipped only to keep the test fast
+        if cp > 1 and seq % (2 * cp) or (seq // cp) % tp or (ep == 1 and etp != tp):
+            continue  # the planner's documented search-space limits
+        for vpp in [None] + list(range(2, arch.num_layers + 1)):
+            try:
+                spec = FoldingSpec(world_size=gpus, tp=tp, cp=cp, pp=pp, vpp=vpp, etp=etp, ep=ep,
+                                   gpus_per_node=gpus_per_node, num_experts=arch.num_experts,
+                                   num_layers=arch.num_layers,
+                                   num_attention_heads=arch.num_attention_heads,
+                                   num_query_groups=arch.query_groups)
+            except InvalidFolding:
+                continue
+            legal.add(spec)
+    return legal
+
+
+@pytest.mark.parametrize("gpus, per_node", [(16, 8), (24, 4), (32, 8)])
+def test_enumeration_yields_exactly_the_legal_foldings(gpus, per_node):
+    fast = list(enumerate_foldings(MOE, gpus, per_node, seq_length=4096))
+    assert len(fast) == len(set(fast))
+    # every yielded spec equals a freshly validated FoldingSpec (the VPP fast path included)
+    assert set(fast) == brute_force(MOE, gpus, per_node, 4096)
+
+
+def test_enumeration_agrees_when_folding_spec_rejects():
+    """Heads 12 and query groups 6 forbid TP 4 and 8; 12 layers and 6 experts restrict PP, EP."""
+    arch = ModelArch(num_layers=12, hidden_size=768, num_attention_heads=12, num_query_groups=6,
+                     vocab_size=1000, ffn_hidden_size=2048, num_experts=6)
+    fast = set(enumerate_foldings(arch, 24, 8, seq_length=2048))
+    assert fast == brute_force(arch, 24, 8, 2048)
+    assert all(s.tp in (1, 2) and arch.num_experts % s.ep == 0 for s in fast)
+
+
+@pytest.mark.parametrize("degrees", [
+    dict(world_size=64, tp=2, pp=4, ep=4, etp=1),
+    dict(world_size=48, tp=2, cp=2, pp=2, ep=3, etp=2),
+    dict(world_size=96, tp=4, pp=2, ep=12, etp=1, gpus_per_node=6),
+    dict(world_size=32, tp=2, pp=2, ep=2, etp=1, order="tp-cp-ep-pp-dp"),
+    dict(world_size=40, tp=1, cp=5, pp=2, ep=4, etp=1, gpus_per_node=8),
+])
+def test_group_spans_agree_with_the_layout_report(degrees):
+    spec = FoldingSpec(**degrees)
+    spans = comm.group_spans(spec)
+    report = {(g.mesh, g.kind): (g.size, g.max_nodes) for g in spec.layout_report()}
+    for key, span in spans.items():
+        assert (span.size, span.nodes) == report[key], key
+
+
+def test_alpha_beta_by_hand():
+    hw = H100_SXM
+    inside, across = comm.Span(8, 1), comm.Span(16, 2)
+    nvlink, adapter = 450e9 * 0.8, 50e9 * 0.9
+    assert comm.all_gather_time(8e6, inside, hw) == pytest.approx(7 * 5e-6 + 7 / 8 * 8e6 / nvlink)
+    # a group spread over 2 nodes, 8 ranks on each: 8 adapters carry the inter-node share
+    assert comm.all_gather_time(16e6, across, hw) == pytest.approx(
+        15 * 10e-6 + 15 / 16 * 16e6 / min(nvlink, 8 * adapter))
+    one_per_node = comm.Span(4, 4)
+    assert comm.all_reduce_time(1e9, one_per_node, hw) == pytest.approx(
+        2 * (3 * 10e-6 + 3 / 4 * 1e9 / adapter))
+    # all-to-all over 16 ranks on 2 nodes: 7/16 stays on NVLink, 8/16 leaves through the adapter
+    assert comm.all_to_all_time(32e6, across, hw) == pytest.approx(
+        15 * 10e-6 + max(32e6 * 7 / 16 / nvlink, 32e6 * 8 / 16 / adapter))
+
+
+def test_roofline_gemm_by_hand():
+    training = TrainingSetup(seq_length=4096)
+    model = StepTimeModel(MOE, training, H100_SXM)
+    big = model._gemm(4096, 4096, 4096)
+    assert big == pytest.approx(2 * 4096 ** 3 / (989.4e12 * 0.75))          # compute bound
+    thin = model._gemm(8, 4096, 4096)
+    assert thin == pytest.approx((8 * 4096 + 4096 * 4096 + 8 * 4096) * 2 / 3350e9)  # memory bound
+
+
+def test_pipeline_bubble_and_mfu_definitions():
+    training = TrainingSetup(seq_length=2048, global_batch_size=64)
+    spec = FoldingSpec(world_size=16, tp=2, pp=4, vpp=2, ep=4, etp=1, num_experts=8, num_layers=8)
+    step = StepTimeModel(MOE, training, H100_SXM).step_time(spec, 1, "none")
+    m = 64 // spec.dp
+    stage = step.pipeline / (m + 3 / 2)
+    assert step.bubble == pytest.approx(3 / 2 * stage)
+    assert step.total == pytest.approx(step.pipeline + step.p2p + step.dp + step.optimizer)
+    assert step.mfu == pytest.approx(step.model_flops / (step.total * 1e12 * 16) / 989.4)
+
+
+def test_every_planned_row_fits_and_rows_are_ranked():
+    training = TrainingSetup(seq_length=2048, global_batch_size=64)
+    result = plan(MOE, training, H100_SXM, gpus=16, gpus_per_node=8, gpu_memory_gb=10)
+    assert result.rows and result.rejected_memory > 0
+    budget = 10e9 - H100_SXM.reserved_gb * 1e9
+    times = [r.time.total for r in result.rows]
+    assert times == sorted(times)
+    for row in result.rows[:50]:
+        again = peak_memory(MOE, training, row.spec, micro_batch_size=row.micro_batch_size,
+                            recompute=row.recompute)
+        assert again.total <= budget
+    # the planner only looked at the stages that can peak: the full scan agrees
+    keys = [(r.spec.tp, r.spec.cp, r.spec.pp, r.spec.vpp, r.spec.etp, r.spec.ep) for r in result.foldings_ranked()]
+    assert len(keys) == len(set(keys))
+
+
+def test_more_memory_admits_more_foldings():
+    training = TrainingSetup(seq_length=2048, global_batch_size=64)
+    small = plan(MOE, training, H100_SXM, 16, 8, 10)
+    large = plan(MOE, training, H200_SXM, 16, 8, 141)
+    assert len(large.rows) > len(small.rows)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "folding", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_plan_json_and_published_folding():
+    out = run_cli("plan", "--recipe", "mixtral-8x22b", "--gpus", "128", "--gpus-per-node", "8",
+                  "--gpu-mem-gb", "80", "--top", "5", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert len(data["ranked"]) == 5
+    assert data["ranked"][0]["step_time_s"] <= data["ranked"][-1]["step_time_s"]
+    assert "--tensor-model-parallel-size" in data["best_flags"]
+    assert data["recipe_folding_rank"] is not None
+    text = run_cli("plan", "--recipe", "mixtral-8x22b", "--gpus", "128", "--gpus-per-node", "8",
+                   "--gpu-mem-gb", "80", "--top", "3")
+    assert text.returncode == 0 and "Megatron flags of the best" in text.stdout
+
+
+def test_cli_plan_errors_are_one_line():
+    none_fit = run_cli("plan", "--recipe", "mixtral-8x22b", "--gpus", "8", "--gpus-per-node", "8",
+                       "--gpu-mem-gb", "80")
+    assert none_fit.returncode == 2
+    assert none_fit.stderr.count("\n") == 1 and "no folding" in none_fit.stderr
+    bad = run_cli("plan", "--recipe", "mixtral-8x22b", "--gpus", "128", "--gpus-per-node", "8",
+                  "--gpu-mem-gb", "80", "--recompute", "sometimes")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
