@@ -13,8 +13,6 @@ the CPU runtime and is not here.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
 from folding.cost.memory import (ActivationOptions, dispatcher_buffer_bytes,

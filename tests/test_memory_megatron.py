@@ -25,7 +25,7 @@ import pytest
 from folding.cost.memory import (WeightMemory, exact_weight_memory, grad_buffer_layout,
                                  rank_grad_buffers)
 from folding.cost.parameters import (ParameterModel, count_by_kind, expert_gradients_over_edp,
-                                     padded_vocab_size, rank_parameters)
+                                     padded_vocab_size, rank_parameter_counts, rank_parameters)
 from folding.mesh import FoldingSpec
 from folding.recipe import ModelArch, TrainingSetup
 
@@ -144,10 +144,12 @@ def test_rank_parameters_equal_megatron_gptmodel(megatron_parameters):
                 assert mine_rows == megatron_rows, (degrees, rank)
                 shared = [p.name for p in mine if p.shared_embedding]
                 assert shared == [name for name, _, _, _, flag in megatron["params"] if flag], (degrees, rank)
-            # The memoised counter agrees with the tensor list.
+            # The memoised counter agrees with the tensor list, chunk by chunk and for the rank.
             model = ParameterModel(a, max_sequence_length=32)
             for v, chunk in enumerate(chunks):
                 assert model.chunk_counts(spec, pp_rank, v if spec.vpp else None) == count_by_kind(chunk)
+            assert rank_parameter_counts(a, spec, pp_rank, 32) == count_by_kind(
+                [p for chunk in chunks for p in chunk])
 
 
 @pytest.mark.megatron
@@ -324,8 +326,6 @@ def _build(request):
 
 def _ddp_buffers(config, model, ddp, chunk):
     """Wrap a chunk as training does and describe Megatron's gradient buffers."""
-    import torch
-
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.transformer.module import Float16Module

@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from folding.cost.mfu_log import parse_mfu, read_log
-from folding.errors import FoldingError
 from folding.recipe import load_recipe
 
 LOG = Path(__file__).parent / "data" / "megatron_sample.log"
@@ -77,26 +74,34 @@ def test_other_conventions_are_labelled_and_differ():
     assert palm.intervals[3].tflops_per_gpu != megatron.intervals[3].tflops_per_gpu
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "folding", *args], capture_output=True, text=True,
-                          timeout=120)
+def run_cli(capsys, *args):
+    """The command line in-process: (exit status, stdout, stderr)."""
+    from folding.cli import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse errors
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
-def test_cli_json_and_png(tmp_path):
+def test_cli_json_and_png(tmp_path, capsys):
     png = tmp_path / "mfu.png"
-    out = run_cli("mfu", str(LOG), "--recipe", "mixtral-8x22b", "--json", "--png", str(png))
-    assert out.returncode == 0, out.stderr
-    data = json.loads(out.stdout)
+    code, out, err = run_cli(capsys, "mfu", str(LOG), "--recipe", "mixtral-8x22b", "--json",
+                             "--png", str(png))
+    assert code == 0, err
+    data = json.loads(out)
     assert data["summary"]["disagreements"] == 2
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    text = run_cli("mfu", str(LOG), "--recipe", "mixtral-8x22b", "--peak-tflops", "1000")
-    assert text.returncode == 0 and "DISAGREES" in text.stdout and "peak 1000" in text.stdout
+    code, out, _ = run_cli(capsys, "mfu", str(LOG), "--recipe", "mixtral-8x22b", "--peak-tflops", "1000")
+    assert code == 0 and "DISAGREES" in out and "peak 1000" in out
 
 
-def test_cli_errors_are_one_line(tmp_path):
-    missing = run_cli("mfu", str(tmp_path / "nope.log"), "--recipe", "mixtral-8x22b")
-    assert missing.returncode == 2 and missing.stderr.count("\n") == 1
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "mfu", str(tmp_path / "nope.log"), "--recipe", "mixtral-8x22b")
+    assert code == 2 and err.count("\n") == 1
     empty = tmp_path / "empty.log"
     empty.write_text("nothing here\n")
-    none = run_cli("mfu", str(empty), "--recipe", "mixtral-8x22b")
-    assert none.returncode == 2 and "no Megatron iteration lines" in none.stderr
+    code, _, err = run_cli(capsys, "mfu", str(empty), "--recipe", "mixtral-8x22b")
+    assert code == 2 and "no Megatron iteration lines" in err

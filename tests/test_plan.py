@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -17,7 +15,7 @@ from folding.cost.planner import enumerate_foldings, plan
 from folding.cost.step_time import StepTimeModel
 from folding.errors import InvalidFolding
 from folding.mesh import FoldingSpec
-from folding.recipe import ModelArch, TrainingSetup, load_recipe
+from folding.recipe import ModelArch, TrainingSetup
 
 MOE = ModelArch(num_layers=8, hidden_size=1024, num_attention_heads=16, num_query_groups=4,
                 vocab_size=32000, ffn_hidden_size=4096, num_experts=8, moe_router_topk=2)
@@ -137,30 +135,36 @@ def test_more_memory_admits_more_foldings():
     assert len(large.rows) > len(small.rows)
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "folding", *args], capture_output=True, text=True,
-                          timeout=120)
+def run_cli(capsys, *args):
+    """The command line in-process: (exit status, stdout, stderr)."""
+    from folding.cli import main
+
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse errors
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
-def test_cli_plan_json_and_published_folding():
-    out = run_cli("plan", "--recipe", "mixtral-8x22b", "--gpus", "128", "--gpus-per-node", "8",
-                  "--gpu-mem-gb", "80", "--top", "5", "--json")
-    assert out.returncode == 0, out.stderr
-    data = json.loads(out.stdout)
+def test_cli_plan_json_and_published_folding(capsys):
+    code, out, err = run_cli(capsys, "plan", "--recipe", "mixtral-8x22b", "--gpus", "128",
+                             "--gpus-per-node", "8", "--gpu-mem-gb", "80", "--top", "5", "--json")
+    assert code == 0, err
+    data = json.loads(out)
     assert len(data["ranked"]) == 5
     assert data["ranked"][0]["step_time_s"] <= data["ranked"][-1]["step_time_s"]
     assert "--tensor-model-parallel-size" in data["best_flags"]
     assert data["recipe_folding_rank"] is not None
-    text = run_cli("plan", "--recipe", "mixtral-8x22b", "--gpus", "128", "--gpus-per-node", "8",
-                   "--gpu-mem-gb", "80", "--top", "3")
-    assert text.returncode == 0 and "Megatron flags of the best" in text.stdout
+    code, out, _ = run_cli(capsys, "plan", "--recipe", "qwen2-57b-a14b", "--gpus", "64",
+                           "--gpus-per-node", "8", "--gpu-mem-gb", "80", "--top", "3", "--max-cp", "1")
+    assert code == 0 and "Megatron flags of the best" in out and "recipe's folding" in out
 
 
-def test_cli_plan_errors_are_one_line():
-    none_fit = run_cli("plan", "--recipe", "mixtral-8x22b", "--gpus", "8", "--gpus-per-node", "8",
-                       "--gpu-mem-gb", "80")
-    assert none_fit.returncode == 2
-    assert none_fit.stderr.count("\n") == 1 and "no folding" in none_fit.stderr
-    bad = run_cli("plan", "--recipe", "mixtral-8x22b", "--gpus", "128", "--gpus-per-node", "8",
-                  "--gpu-mem-gb", "80", "--recompute", "sometimes")
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+def test_cli_plan_errors_are_one_line(capsys):
+    code, _, err = run_cli(capsys, "plan", "--recipe", "mixtral-8x22b", "--gpus", "8",
+                           "--gpus-per-node", "8", "--gpu-mem-gb", "80")
+    assert code == 2 and err.count("\n") == 1 and "no folding" in err
+    code, _, err = run_cli(capsys, "plan", "--recipe", "mixtral-8x22b", "--gpus", "128",
+                           "--gpus-per-node", "8", "--gpu-mem-gb", "80", "--recompute", "sometimes")
+    assert code == 2 and err.count("\n") == 1

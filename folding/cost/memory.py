@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from folding.cost.parameters import (ParamCounts, ParameterModel, ParamTensor, chunk_roles,
                                      expert_gradients_over_edp, padded_vocab_size,
-                                     rank_parameters, stage_layer_indices)
+                                     rank_parameters)
 from folding.errors import FoldingError
 from folding.mesh import FoldingSpec
 from folding.recipe import ModelArch, TrainingSetup

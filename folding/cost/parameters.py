@@ -342,3 +342,10 @@ class ParameterModel:
         """The whole model without parallelism (TP = EP = PP = 1)."""
         spec = FoldingSpec(world_size=1)
         return self.chunk_counts(spec, 0)
+
+
+def rank_parameter_counts(arch: ModelArch, spec: FoldingSpec, pp_rank: int,
+                          max_sequence_length: Optional[int] = None) -> ParamCounts:
+    """Parameters on any rank of pipeline stage ``pp_rank`` (all its model chunks), by kind:
+    dense, expert and embedding. The figure a runtime check compares with a built model."""
+    return ParameterModel(arch, max_sequence_length).rank_counts(spec, pp_rank)

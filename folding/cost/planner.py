@@ -22,14 +22,12 @@ the fastest row of each folding, which is what the ranked table shows.
 from __future__ import annotations
 
 import copy
-import math
-from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 from folding.cost import comm
 from folding.cost.hardware import HardwareProfile
-from folding.cost.memory import (ActivationModel, ActivationOptions, GiB, RankMemory,
-                                 peak_memory)
+from folding.cost.memory import ActivationModel, ActivationOptions, RankMemory, peak_memory
 from folding.cost.parameters import ParameterModel
 from folding.cost.step_time import StepTime, StepTimeModel
 from folding.errors import FoldingError, InvalidFolding

@@ -29,7 +29,7 @@ The optimizer step is charged as HBM traffic over the rank's shard.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 from folding.cost import comm
