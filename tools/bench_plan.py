@@ -32,23 +32,27 @@ TARGET_SECONDS = 10.0
 
 
 def timed_plan(recipe, hw, gpus, memory_gb, repeat):
-    best, result = float("inf"), None
+    """(plan, fastest wall-clock seconds, CPU seconds of that run). Other processes on the
+    machine stretch wall-clock time; the CPU time shows the work itself."""
+    best, cpu, result = float("inf"), 0.0, None
     for _ in range(repeat):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         result = plan(recipe.model, recipe.training, hw, gpus, 8, memory_gb)
-        best = min(best, time.perf_counter() - start)
-    return result, best
+        wall = time.perf_counter() - start
+        if wall < best:
+            best, cpu = wall, time.process_time() - start_cpu
+    return result, best, cpu
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=1, help="runs per plan; the fastest counts")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per plan; the fastest counts")
     args = parser.parse_args()
 
     published_rows, published_json = [], []
     for name, gpus, paper_mfu in PUBLISHED:
         r = load_recipe(name)
-        result, seconds = timed_plan(r, H100_SXM, gpus, 80, args.repeat)
+        result, _, _ = timed_plan(r, H100_SXM, gpus, 80, 1)
         f = r.folding
         rank = result.rank_of(lambda row: same_degrees(row.spec, tp=f.tp, cp=f.cp, pp=f.pp, vpp=f.vpp,
                                                        etp=f.etp, ep=f.ep) and row.micro_batch_size == 1)
@@ -73,17 +77,18 @@ def main() -> int:
     large_rows, large_json = [], []
     for name, hw, memory_gb in LARGE:
         r = load_recipe(name)
-        result, seconds = timed_plan(r, hw, 1024, memory_gb, args.repeat)
+        result, seconds, cpu = timed_plan(r, hw, 1024, memory_gb, args.repeat)
         best = result.foldings_ranked()[0] if result.rows else None
         large_rows.append([name, hw.name, result.foldings, result.evaluated, len(result.rows),
-                           f"{seconds:.2f}", f"{TARGET_SECONDS:.0f}", f"{seconds / TARGET_SECONDS:.2f}",
-                           best.spec.describe() if best else "-"])
+                           f"{seconds:.2f}", f"{cpu:.2f}", f"{TARGET_SECONDS:.0f}",
+                           f"{seconds / TARGET_SECONDS:.2f}", best.spec.describe() if best else "-"])
         large_json.append({"recipe": name, "gpu": hw.name, "foldings": result.foldings,
                            "combinations": result.evaluated, "fitting": len(result.rows),
-                           "seconds": seconds, "best": best.spec.describe() if best else None})
+                           "seconds": seconds, "cpu_seconds": cpu,
+                           "best": best.spec.describe() if best else None})
     print(f"\nPlanning for 1,024 GPUs ({os.cpu_count()} CPU cores, fastest of {args.repeat})\n")
-    print(format_table(["recipe", "GPU", "foldings", "combinations", "fitting", "seconds",
-                        "target s", "ratio", "best folding"], large_rows))
+    print(format_table(["recipe", "GPU", "foldings", "combinations", "fitting", "wall s", "CPU s",
+                        "target s", "wall/target", "best folding"], large_rows))
     worst = max(row["seconds"] for row in large_json)
     print(json.dumps({"benchmark": "bench_plan", "published": published_json, "plan_1024": large_json,
                       "max_seconds_1024": worst, "target_seconds": TARGET_SECONDS,

@@ -29,7 +29,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from folding.cost.parameters import (ParamCounts, ParameterModel, ParamTensor, chunk_roles,
+from folding.cost.parameters import (ParamCounts, ParameterModel, ParamTensor,
                                      expert_gradients_over_edp, padded_vocab_size,
                                      rank_parameters)
 from folding.errors import FoldingError
@@ -486,21 +486,20 @@ def stage_memory(arch: ModelArch, training: TrainingSetup, spec: FoldingSpec, pp
 
     pattern = model.pattern
     chunks = spec.vpp or 1
-    per_chunk = [moe * acts.layer(spec, True, mbs, recompute) + dense * acts.layer(spec, False, mbs, recompute)
-                 for moe, dense in model.chunk_layer_kinds(spec.pp, spec.vpp, pp_rank)]
+    moe, dense = model.rank_layer_kinds(spec.pp, spec.vpp, pp_rank)
+    all_chunks = (moe * (acts.layer(spec, True, mbs, recompute) if moe else 0)
+                  + dense * (acts.layer(spec, False, mbs, recompute) if dense else 0))
     m = num_microbatches(training, spec, mbs)
     in_flight = in_flight_micro_batches(spec.pp, spec.vpp, pp_rank, m)
     # Chunk micro-batches in flight are spread over the chunks; the average chunk is exact for
     # equal chunks, which the even layer split gives except where MoE patterns differ.
-    activations = in_flight * sum(per_chunk) // chunks
+    activations = in_flight * all_chunks // chunks
 
     shape = acts.shape(spec, mbs)
-    pre_chunks = [c for c in range(chunks) if chunk_roles(spec.pp, spec.vpp, pp_rank,
-                                                          c if spec.vpp else None)[0]]
-    post_chunks = [c for c in range(chunks) if chunk_roles(spec.pp, spec.vpp, pp_rank,
-                                                           c if spec.vpp else None)[1]]
+    # The first model chunk of rank 0 embeds; the last chunk of the last rank holds the output.
+    holds_embedding, holds_output = pp_rank == 0, pp_rank == spec.pp - 1
     details = {"layers": activations}
-    if pre_chunks:
+    if holds_embedding:
         embedding = shape.tokens * 8 + (shape.sp_tokens * arch.hidden_size
                                         if arch.hidden_dropout > 0 else 0)
         details["embedding"] = embedding * in_flight_micro_batches(spec.pp, None, pp_rank, m)
@@ -509,7 +508,7 @@ def stage_memory(arch: ModelArch, training: TrainingSetup, spec: FoldingSpec, pp
     if recompute == "full":
         # Backward re-runs one layer's forward and holds its full activations meanwhile.
         transient += max(acts.layer(spec, bool(i), mbs, "none") for i in set(pattern))
-    if post_chunks:
+    if holds_output:
         heads = 1 + (arch.mtp_num_layers or 0)
         details["output"] = heads * output_activation_bytes(arch, shape, spec, a)
         if arch.mtp_num_layers:

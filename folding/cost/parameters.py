@@ -294,6 +294,11 @@ class ParameterModel:
             self._kinds[key] = kinds
         return self._kinds[key]
 
+    def rank_layer_kinds(self, pp: int, vpp: Optional[int], pp_rank: int) -> Tuple[int, int]:
+        """(MoE layers, dense layers) over all model chunks of a pipeline rank."""
+        kinds = self.chunk_layer_kinds(pp, vpp, pp_rank)
+        return sum(m for m, _ in kinds), sum(d for _, d in kinds)
+
     def layer_counts(self, is_moe: bool, tp: int, etp: int, ep: int) -> ParamCounts:
         key = (is_moe, tp, etp, ep)
         if key not in self._layer:

@@ -237,19 +237,16 @@ class StepTimeModel:
                          recompute: str) -> Tuple[LayerTime, float]:
         """All chunks of one pipeline rank for one micro-batch: layers and end-stage heads."""
         total = LayerTime(0.0, 0.0, 0.0, 0.0)
-        heads = 0.0
-        pattern = self.params.pattern
-        for chunk, (moe, dense) in enumerate(self.params.chunk_layer_kinds(spec.pp, spec.vpp, pp_rank)):
-            if moe:
-                total = total + self.layer_time(spec, spans, True, mbs, recompute).scaled(moe)
-            if dense:
-                total = total + self.layer_time(spec, spans, False, mbs, recompute).scaled(dense)
-            last = pp_rank == spec.pp - 1 and chunk == (spec.vpp or 1) - 1
-            if last and self.arch.mtp_num_layers:
-                total = total + self.layer_time(spec, spans, bool(pattern[-1]), mbs, recompute).scaled(
-                    self.arch.mtp_num_layers)
-            heads += self._head_time(spec, mbs, pp_rank == 0 and chunk == 0, last)
-        return total, heads
+        moe, dense = self.params.rank_layer_kinds(spec.pp, spec.vpp, pp_rank)
+        if moe:
+            total = total + self.layer_time(spec, spans, True, mbs, recompute).scaled(moe)
+        if dense:
+            total = total + self.layer_time(spec, spans, False, mbs, recompute).scaled(dense)
+        last = pp_rank == spec.pp - 1
+        if last and self.arch.mtp_num_layers:
+            total = total + self.layer_time(spec, spans, bool(self.params.pattern[-1]), mbs,
+                                            recompute).scaled(self.arch.mtp_num_layers)
+        return total, self._head_time(spec, mbs, pp_rank == 0, last)
 
     def step_time(self, spec: FoldingSpec, mbs: int, recompute: str,
                   spans: Optional[Dict] = None) -> StepTime:
