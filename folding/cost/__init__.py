@@ -9,6 +9,7 @@ One module per concern, all pure computation:
   buffers.
 - ``hardware``: GPU profiles (peak rates, bandwidths) with their public sources.
 - ``comm``: alpha-beta times of the collectives and how far each group reaches across nodes.
+- ``step_time``: predicted iteration time (roofline compute, communication, pipeline schedule).
 - ``planner``: enumerate legal foldings, drop those that do not fit, rank by predicted step time.
 - ``mfu_log``: read Megatron training logs and recompute throughput and MFU.
 - ``megatron_flags``: a recipe as pretrain_gpt.py flags.

@@ -100,7 +100,7 @@ class PlanRow:
         return self.memory.total / 1e9
 
     def to_json(self) -> Dict:
-        return {"folding": self.spec.degrees() | {"vpp": self.spec.vpp},
+        return {"folding": self.spec.degrees(),
                 "describe": self.spec.describe(), "micro_batch_size": self.micro_batch_size,
                 "recompute": self.recompute, "step_time_s": self.time.total,
                 "tflops_per_gpu": self.time.tflops_per_gpu, "mfu": self.time.mfu,
