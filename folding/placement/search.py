@@ -266,10 +266,58 @@ class LayerSearch:
             gain = np.where(feasible, gain, NEGATIVE)
             positive = np.flatnonzero(gain.ravel() > self.tolerance)
             if positive.size == 0:
-                break
+                exchanged = self._exchange_ranks()
+                if exchanged <= 0:
+                    break
+                total += exchanged
+                continue
             best = positive[np.argsort(-gain.ravel()[positive], kind="stable")][:4 * self.num_ranks]
             total += self._apply_disjoint(best, gain, change, room, moves)
         return total
+
+    def _exchange_ranks(self) -> float:
+        """Swap the whole contents of two ranks on different nodes when that gains: rank loads
+        stay as they are and only node-level terms change, a move that item swaps reach only
+        through a series of losing steps. Not used with a ``home`` (it moves whole ranks)."""
+        if self.home is not None or self.num_nodes < 2 or len(self.rank) == self.num_ranks:
+            return 0.0
+        P = self.num_ranks
+        gain = np.zeros((P, P))
+        node = self.rank_nodes
+        if self.affinity is not None and self.node_weight:
+            between = host_sums(self.rank_affinity.T, self.rank, P)  # [P, P] affinity of rank pairs
+            np.fill_diagonal(between, 0.0)
+            to_nodes = host_sums(between, node, self.num_nodes)
+            gain += self.node_weight * pair_gain(to_nodes[:, node], to_nodes[np.arange(P), node], between)
+        if self.linear is not None:
+            linear = host_sums(self.linear.T, self.rank, P).T  # [a, b]: items of rank a placed on b
+            here = np.diag(linear)
+            gain += here[:, None] + here[None, :] - linear - linear.T
+        gain[node[:, None] == node[None, :]] = NEGATIVE
+        a, b = np.unravel_index(np.argmax(gain), gain.shape)
+        if gain[a, b] <= self.tolerance:
+            return 0.0
+        for v, u in zip(np.flatnonzero(self.rank == a), np.flatnonzero(self.rank == b)):
+            self.swap(int(v), int(u))
+        return float(gain[a, b])
+
+    def reduce_moves(self) -> bool:
+        """Swap items back towards their home until at most ``max_moved`` are away, losing the
+        least cost per item brought home and keeping the excess within budget."""
+        if self.home is None or self.max_moved is None:
+            return True
+        while self.moved > self.max_moved:
+            gain = self.gains()
+            moves = self._moves_after()
+            usable = np.isfinite(gain) & (moves < 0)
+            if self.constrained:
+                usable &= self.excess() + self.excess_change() <= self.excess_budget + self.tolerance
+            if not usable.any():
+                return False
+            score = np.where(usable, gain / np.maximum(-moves, 1), NEGATIVE)
+            v, u = np.unravel_index(np.argmax(score), score.shape)
+            self.swap(int(v), int(u))
+        return True
 
     def optimise(self, deadline: Optional[float] = None, price_growth: float = 2.0,
                  max_stages: int = 40) -> None:

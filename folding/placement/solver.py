@@ -162,23 +162,87 @@ def grow_layer(affinity: np.ndarray, items: LayerItems, rank_nodes: np.ndarray, 
     return ranks
 
 
+def kicks_for(num_items: int) -> int:
+    """Perturbation restarts per layer: many on small layers, none on large ones, where a
+    restart costs more than it finds."""
+    return min(100, 20_000 // (num_items * num_items))
+
+
 def solve_training_layer(items: LayerItems, rank_nodes: np.ndarray, slots_per_rank: int,
-                         deadline: Optional[float], max_moved: Optional[int]) -> np.ndarray:
+                         deadline: Optional[float], max_moved: Optional[int], seed: int = 0) -> np.ndarray:
+    """Greedy growth, continuation search, then iterated local search: rotate the ranks of a
+    few random items and search again, keeping the result when it is cheaper."""
     rank_weight, node_weight = objective_weights("training")
     affinity = items.affinity()
 
-    start = items.home if items.home is not None else grow_layer(affinity, items, rank_nodes, slots_per_rank)
-    search = LayerSearch(start, items.loads, rank_nodes, items.threshold, items.excess_budget,
-                         affinity, rank_weight, node_weight, home=items.home, max_moved=max_moved,
-                         noise=items.noise)
-    search.optimise(deadline)
-    if search.excess() > search.excess_budget + search.tolerance:
+    def search_from(start):
+        return LayerSearch(start, items.loads, rank_nodes, items.threshold, items.excess_budget,
+                           affinity, rank_weight, node_weight, home=items.home, max_moved=max_moved,
+                           noise=items.noise)
+
+    if items.home is not None:
+        return warm_training_layer(items, search_from, rank_nodes, slots_per_rank, deadline, seed)
+    best = search_from(grow_layer(affinity, items, rank_nodes, slots_per_rank))
+    best.optimise(deadline)
+    if best.excess() > best.excess_budget + best.tolerance:
         # Continuation failed to reach the budget: fall back on balanced packing.
-        search = LayerSearch(items.ranks, items.loads, rank_nodes, items.threshold, items.excess_budget,
-                             affinity, rank_weight, node_weight, home=items.home, max_moved=max_moved,
-                             noise=items.noise)
-        search.improve(deadline)
-    return search.rank
+        best = search_from(items.ranks)
+        best.improve(deadline)
+    rng = np.random.default_rng(seed)
+    V = len(items.experts)
+    for _ in range(kicks_for(V)):
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+        ranks = best.rank.copy()
+        chosen = rng.choice(V, min(V, 4), replace=False)
+        ranks[chosen] = ranks[np.roll(chosen, 1)]
+        trial = search_from(ranks)
+        if not trial.repair():
+            continue
+        trial.improve(deadline)
+        if trial.cost() < best.cost() - best.tolerance:
+            best = trial
+    return best.rank
+
+
+def warm_training_layer(items: LayerItems, search_from, rank_nodes: np.ndarray, slots_per_rank: int,
+                        deadline: Optional[float], seed: int) -> np.ndarray:
+    """Re-place a layer moving few items: the better of (a) improving swaps from the previous
+    placement and (b) a fresh solution relabelled to overlap the previous one most, brought
+    back within the move budget, then improved."""
+    from_home = search_from(items.home)
+    from_home.repair()
+    from_home.improve(deadline)
+    fresh = LayerItems(items.experts, items.loads, items.ranks, None, items.coactivation,
+                       items.threshold, items.excess_budget, items.noise)
+    fresh_ranks = solve_training_layer(fresh, rank_nodes, slots_per_rank, deadline, None, seed)
+    relinked = search_from(align_ranks(fresh_ranks, items.home, rank_nodes))
+    if relinked.reduce_moves():
+        relinked.improve(deadline)
+        feasible = relinked.excess() <= relinked.excess_budget + relinked.tolerance
+        if feasible and relinked.cost() < from_home.cost():
+            return relinked.rank
+    return from_home.rank
+
+
+def align_ranks(ranks: np.ndarray, home: np.ndarray, rank_nodes: np.ndarray) -> np.ndarray:
+    """Relabel ranks (whole nodes among equal-sized nodes, then ranks inside a node), which
+    changes no cost, so that as many items as possible sit on their home rank."""
+    P = len(rank_nodes)
+    overlap = np.zeros((P, P))
+    np.add.at(overlap, (ranks, home), 1.0)
+    num_nodes = int(rank_nodes.max()) + 1
+    members = [np.flatnonzero(rank_nodes == n) for n in range(num_nodes)]
+    node_target = np.arange(num_nodes)
+    if len({len(m) for m in members}) == 1:
+        node_overlap = np.array([[overlap[np.ix_(a, b)].sum() for b in members] for a in members])
+        _, node_target = linear_sum_assignment(-node_overlap)
+    relabel = np.empty(P, dtype=np.int64)
+    for node, target in enumerate(node_target):
+        source_ranks, target_ranks = members[node], members[target]
+        rows, cols = linear_sum_assignment(-overlap[np.ix_(source_ranks, target_ranks)])
+        relabel[source_ranks[rows]] = target_ranks[cols]
+    return relabel[ranks]
 
 
 def hop_matrix(rank_nodes: np.ndarray, rank_weight: float, node_weight: float) -> np.ndarray:
@@ -209,8 +273,10 @@ def inference_linear_cost(layer: int, layers: List[LayerItems], transitions: np.
 def solve_inference(trace: RoutingTrace, layers: List[LayerItems], rank_nodes: np.ndarray,
                     slots_per_rank: int, rank_weight: float, node_weight: float,
                     deadline: Optional[float], max_moved: Optional[int], progress: bool = False,
-                    max_passes: int = 8) -> dict:
-    """Block coordinate descent over layers (see the module docstring); updates ``layers``."""
+                    max_passes: int = 8, seed: int = 0) -> dict:
+    """Block coordinate descent over layers (see the module docstring), then iterated local
+    search on small instances: rotate the ranks of a few items of a random layer, descend
+    again, keep the result when the total hop cost drops. Updates ``layers`` in place."""
     from tqdm import tqdm
 
     transitions = trace.top1_transitions()
@@ -218,46 +284,77 @@ def solve_inference(trace: RoutingTrace, layers: List[LayerItems], rank_nodes: n
     slot_ranks = np.repeat(np.arange(len(rank_nodes)), slots_per_rank)
     E, L = trace.num_experts, trace.num_layers
     warm = layers[0].home is not None
-    passes = 0
-    bar = tqdm(total=max_passes * L, desc="inference passes", disable=not progress, leave=False)
-    for passes in range(1, max_passes + 1):
-        first = passes == 1 and not warm
-        order = range(L) if passes % 2 else range(L - 1, -1, -1)
-        improved = 0.0
-        for layer in order:
-            bar.update(1)
-            if deadline is not None and time.perf_counter() > deadline:
+    out_of_time = lambda: deadline is not None and time.perf_counter() > deadline  # noqa: E731
+
+    def place_layer(layer: int, use_next: bool) -> float:
+        """Best placement of one layer with its neighbours fixed; returns the cost saved."""
+        items = layers[layer]
+        linear = inference_linear_cost(layer, layers, transitions, hops, E, use_next)
+        current = float(linear[np.arange(len(items.ranks)), items.ranks].sum())
+        starts = [items.ranks]
+        if not warm:
+            _, slots = linear_sum_assignment(linear[:, slot_ranks])
+            starts.insert(0, slot_ranks[slots])
+        best_ranks, best_cost = items.ranks, current
+        affinity = items.affinity()
+        for start in starts:
+            search = LayerSearch(start, items.loads, rank_nodes, items.threshold, items.excess_budget,
+                                 affinity, 0.0, 0.0, linear=linear, home=items.home,
+                                 max_moved=max_moved, noise=items.noise)
+            search.optimise(deadline)
+            cost = search.cost()
+            if search.excess() <= search.excess_budget + search.tolerance and cost < best_cost - search.tolerance:
+                best_ranks, best_cost = search.rank, cost
+        items.ranks = best_ranks
+        return current - best_cost
+
+    def descend(passes: int, follow_first: bool, bar=None) -> int:
+        """Passes over the layers, alternating direction, until one saves nothing."""
+        done = 0
+        for done in range(1, passes + 1):
+            following = follow_first and done == 1
+            order = range(L) if done % 2 else range(L - 1, -1, -1)
+            saved = 0.0
+            for layer in order:
+                if bar is not None:
+                    bar.update(1)
+                if out_of_time():
+                    return done
+                if not (following and layer == 0):
+                    saved += place_layer(layer, use_next=not following)
+            if not following and saved <= 1e-9 * trace.num_tokens:
                 break
-            if first and layer == 0:
-                continue
-            items = layers[layer]
-            linear = inference_linear_cost(layer, layers, transitions, hops, E, use_next=not first)
-            current = float(linear[np.arange(len(items.ranks)), items.ranks].sum())
-            candidates = []
-            if not warm:
-                _, slots = linear_sum_assignment(linear[:, slot_ranks])
-                candidates.append(slot_ranks[slots])
-            candidates.append(items.ranks)
-            best_ranks, best_cost = items.ranks, current
-            affinity = items.affinity()
-            for start in candidates:
-                search = LayerSearch(start, items.loads, rank_nodes, items.threshold, items.excess_budget,
-                                     affinity, 0.0, 0.0, linear=linear, home=items.home,
-                                     max_moved=max_moved, noise=items.noise)
-                if not search.repair():
-                    continue
-                search.improve(deadline)
-                cost = search.cost()
-                if cost < best_cost - search.tolerance:
-                    best_ranks, best_cost = search.rank, cost
-            if best_ranks is not items.ranks:
-                improved += current - best_cost
-                items.ranks = best_ranks
-        if deadline is not None and time.perf_counter() > deadline:
+        return done
+
+    def total_cost() -> float:
+        shares = [host_fractions(i.experts, E, i.ranks, len(rank_nodes)) for i in layers]
+        return sum(float(np.sum(transitions[l] * (shares[l] @ hops @ shares[l + 1].T))) for l in range(L - 1))
+
+    with tqdm(total=max_passes * L, desc="inference passes", disable=not progress, leave=False) as bar:
+        passes = descend(max_passes, follow_first=not warm, bar=bar)
+    kicks = 0 if warm else kicks_for(len(layers[0].experts))
+    rng = np.random.default_rng(seed)
+    best_cost, best_ranks = total_cost(), [i.ranks.copy() for i in layers]
+    for _ in range(kicks):
+        if out_of_time():
             break
-        if not first and improved <= 1e-9 * trace.num_tokens:
-            break
-    bar.close()
+        layer = int(rng.integers(L))
+        items = layers[layer]
+        chosen = rng.choice(len(items.ranks), min(len(items.ranks), 4), replace=False)
+        ranks = items.ranks.copy()
+        ranks[chosen] = ranks[np.roll(chosen, 1)]
+        search = LayerSearch(ranks, items.loads, rank_nodes, items.threshold, items.excess_budget,
+                             items.affinity(), noise=items.noise)
+        if not search.repair():
+            continue
+        items.ranks = search.rank
+        descend(2, follow_first=False)
+        cost = total_cost()
+        if cost < best_cost - 1e-9 * trace.num_tokens:
+            best_cost, best_ranks = cost, [i.ranks.copy() for i in layers]
+        else:
+            for items, ranks in zip(layers, best_ranks):
+                items.ranks = ranks.copy()
     return {"passes": passes}
 
 
@@ -292,7 +389,7 @@ def solve(trace: RoutingTrace, ep_size: int, gpus_per_node: int, objective: str 
                 info["stopped_at_layer"] = layer
                 break
             items = layers[layer]
-            items.ranks = solve_training_layer(items, rank_nodes, slots_per_rank, deadline, budget)
+            items.ranks = solve_training_layer(items, rank_nodes, slots_per_rank, deadline, budget, seed=layer)
     else:
         rank_weight, node_weight = objective_weights("inference")
         info.update(solve_inference(trace, layers, rank_nodes, slots_per_rank, rank_weight, node_weight,

@@ -77,8 +77,10 @@ def structure(spec: SynthSpec):
     return roles, chains
 
 
-def synthesize(spec: SynthSpec) -> RoutingTrace:
+def synthesize(spec: SynthSpec, progress: bool = False) -> RoutingTrace:
     """Draw a trace following ``spec`` (see the module docstring)."""
+    from tqdm import tqdm
+
     spec.check()
     E, L, T, k, g = spec.num_experts, spec.num_layers, spec.num_tokens, spec.top_k, spec.group_size
     rng = np.random.default_rng(spec.token_seed)
@@ -96,7 +98,7 @@ def synthesize(spec: SynthSpec) -> RoutingTrace:
 
     topk = np.empty((L, T, k), dtype=np.int32)
     top1 = draw_roles(T)
-    for layer in range(L):
+    for layer in tqdm(range(L), desc="synthesising layers", disable=not progress, leave=False):
         if layer:
             redraw = rng.random(T) >= spec.affinity
             top1 = np.where(redraw, draw_roles(T), chains[layer - 1][top1])
