@@ -13,7 +13,7 @@ from typing import List, Optional
 
 from folding.errors import FoldingError
 
-COMMANDS = ("mesh", "plan", "mfu", "flags")
+COMMANDS = ("mesh", "verify", "plan", "mfu", "flags", "train", "place", "trace")
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -143,21 +143,29 @@ class RankTrainer:
                     yield key_of[id(p)], inner.state[p]
 
     def optimizer_shard(self) -> Dict[str, Dict[ShardKey, torch.Tensor]]:
-        out: Dict[str, Dict[ShardKey, torch.Tensor]] = {"exp_avg": {}, "exp_avg_sq": {}, "step": {}}
+        """Adam's moments of this rank's parameters, as shards."""
+        out: Dict[str, Dict[ShardKey, torch.Tensor]] = {"exp_avg": {}, "exp_avg_sq": {}}
         for key, state in self._adam_states():
             for field in out:
                 if field in state:
-                    value = state[field]
-                    out[field][key] = value.clone() if torch.is_tensor(value) else torch.tensor(value)
+                    out[field][key] = state[field].detach().clone()
         return out
 
-    def load_optimizer_shard(self, local: Dict[str, Dict[ShardKey, torch.Tensor]]) -> None:
+    def adam_step(self) -> int:
+        """Optimizer steps taken (0 before the first)."""
+        steps = {int(state["step"]) for _, state in self._adam_states() if "step" in state}
+        return steps.pop() if steps else 0
+
+    def load_optimizer_shard(self, local: Dict[str, Dict[ShardKey, torch.Tensor]],
+                             adam_step: int) -> None:
+        if adam_step == 0:
+            return  # nothing was stepped yet: a fresh optimizer is the saved state
         for key, state in self._adam_states():
             param = self.params[key]
             for field, values in local.items():
-                if key in values:
-                    state[field] = values[key].clone().to(param.dtype if field != "step" else
-                                                          values[key].dtype)
+                state[field] = values[key].clone().to(param.dtype)
+            # Adam keeps its step count as a float tensor; restore it in the same form.
+            state["step"] = torch.tensor(float(adam_step))
 
     def traffic_report(self):
         """What the token dispatchers moved, when they count it (None for Megatron's)."""

@@ -9,7 +9,8 @@ gradient and every updated parameter. Each rank compares its own shards with the
 
 Token dropping in Megatron is decided per rank, over the tokens that rank routes (a TP x CP
 shard of each micro-batch's sequence). The reference therefore applies the same capacity rule
-over the same groups of tokens, so the two runs drop the same tokens.
+over the same groups of tokens; ``folding.drop_decisions`` compares every decision and keeps
+rounding-level near ties from swamping the comparison.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from folding.drop_decisions import DropCheck, DropDecisions
 from folding.errors import FoldingError
 from folding.mesh import FoldingSpec
 from folding.model import MoERouting
@@ -30,7 +32,7 @@ from folding.recipe import Recipe, load_recipe
 
 LOSS_TOLERANCE = 1e-5
 TENSOR_TOLERANCE = 1e-4
-FAULTS = ("skip-expert-dp-reduce", "skip-tp-norm-reduce")
+FAULTS = ("skip-expert-dp-reduce", "skip-tp-norm-reduce", "halve-capacity")
 
 
 @dataclass
@@ -99,6 +101,7 @@ class StepComparison:
 class VerifyReport:
     case: VerifyCase
     steps: List[StepComparison]
+    drops: DropCheck = field(default_factory=DropCheck)
     traffic: Optional[list] = None
 
     @property
@@ -116,7 +119,7 @@ class VerifyReport:
     @property
     def passed(self) -> bool:
         return (self.max_loss_rel_diff <= LOSS_TOLERANCE and self.max_grad_rel_diff <= TENSOR_TOLERANCE
-                and self.max_param_rel_diff <= TENSOR_TOLERANCE)
+                and self.max_param_rel_diff <= TENSOR_TOLERANCE and not self.drops.mismatches)
 
     def to_json(self) -> dict:
         folding = self.case.spec.degrees()
@@ -128,6 +131,9 @@ class VerifyReport:
                "max_loss_rel_diff": self.max_loss_rel_diff,
                "max_grad_rel_diff": self.max_grad_rel_diff,
                "max_param_rel_diff": self.max_param_rel_diff,
+               "drop_decisions": {"compared": self.drops.compared,
+                                  "near_ties": self.drops.near_ties,
+                                  "mismatches": len(self.drops.mismatches)},
                "passed": self.passed}
         if self.traffic is not None:
             out["traffic"] = self.traffic
@@ -135,23 +141,6 @@ class VerifyReport:
 
 
 # ------------------------------------------------------------------------------ rank bodies
-def _grouped_token_dropping(groups: int):
-    """Megatron's capacity rule applied separately to ``groups`` contiguous token groups: the
-    tokens each TP x CP rank routes in the folded run."""
-    from megatron.core.transformer.moe import moe_utils
-
-    original = moe_utils.apply_router_token_dropping
-
-    def apply(probs, routing_map, *args, **kwargs):
-        if groups == 1:
-            return original(probs, routing_map, *args, **kwargs)
-        parts = [original(p, m, *args, **kwargs)
-                 for p, m in zip(probs.chunk(groups), routing_map.chunk(groups))]
-        return torch.cat([p for p, _ in parts]), torch.cat([m for _, m in parts])
-
-    return apply
-
-
 def _micro_batches_for(case: VerifyCase, spec: FoldingSpec, rank: int, step: int, corpus):
     from folding.data import micro_batches
 
@@ -161,31 +150,40 @@ def _micro_batches_for(case: VerifyCase, spec: FoldingSpec, rank: int, step: int
     return micro_batches(batch, dp_rank, spec.dp, per_rank, case.micro_batch_size)
 
 
-def _reference_rank(rank: int, world: int, case: VerifyCase, out_path: str) -> int:
-    """Single-process run; writes per-step loss, full grads and full params to ``out_path``."""
+def _reference_rank(rank: int, world: int, cases: List[VerifyCase], paths: List[str]) -> int:
+    """Single-process runs; each writes per-step loss, full grads and params to its path."""
+    from megatron.core import parallel_state as ps
+
     from folding.data import ByteCorpus
     from folding.runtime.cpu import enable
     from folding.trainer import RankTrainer
     from folding.weights import unshard
 
     enable()
-    from megatron.core.transformer.moe import router
+    for case, out_path in zip(cases, paths):
+        recipe = case.load_recipe()
+        spec = case.reference_spec()
+        routing = dataclasses.replace(case.routing, dispatcher="alltoall")
+        decisions = DropDecisions("record", groups=_token_groups(case.spec))
+        decisions.install()
+        trainer = RankTrainer(recipe.model, recipe.training, spec, routing)
+        corpus = ByteCorpus(recipe.training.data)
+        steps = []
+        for step in range(case.steps):
+            decisions.start_step(step)
+            result = trainer.step(_micro_batches_for(case, spec, rank, step, corpus), keep_grads=True)
+            steps.append({"loss": result.loss,
+                          "grads": unshard([result.grads], recipe.model, spec),
+                          "params": unshard([trainer.param_shard()], recipe.model, spec)})
+        torch.save({"steps": steps, "drops": decisions.records}, out_path)
+        decisions.uninstall()
+        ps.destroy_model_parallel()
+    return len(cases)
 
-    recipe = case.load_recipe()
-    spec = case.reference_spec()
-    routing = dataclasses.replace(case.routing, dispatcher="alltoall")
-    groups = case.spec.tp * case.spec.cp if case.spec.sequence_parallel or case.spec.cp > 1 else 1
-    router.apply_router_token_dropping = _grouped_token_dropping(groups)
-    trainer = RankTrainer(recipe.model, recipe.training, spec, routing)
-    corpus = ByteCorpus(recipe.training.data)
-    record = []
-    for step in range(case.steps):
-        result = trainer.step(_micro_batches_for(case, spec, rank, step, corpus), keep_grads=True)
-        record.append({"loss": result.loss,
-                       "grads": unshard([result.grads], recipe.model, spec),
-                       "params": unshard([trainer.param_shard()], recipe.model, spec)})
-    torch.save(record, out_path)
-    return case.steps
+
+def _token_groups(spec: FoldingSpec) -> int:
+    """How many ranks split one micro-batch's tokens before the router (sequence parallel, CP)."""
+    return (spec.tp if spec.sequence_parallel else 1) * spec.cp
 
 
 def _error_sums(local: Dict, reference_full: Dict, arch, spec: FoldingSpec, rank: int):
@@ -204,7 +202,8 @@ def _error_sums(local: Dict, reference_full: Dict, arch, spec: FoldingSpec, rank
 
 
 def _break(trainer, fault: Optional[str]) -> None:
-    """Deliberately wrong gradient reductions, to prove the checker catches them."""
+    """Deliberately wrong gradient reductions, to prove the checker catches them
+    (halve-capacity is applied to the routing before the model is built)."""
     if fault == "skip-expert-dp-reduce":
         for d in trainer.ddp:
             d.expert_parallel_bucket_groups = []
@@ -214,19 +213,40 @@ def _break(trainer, fault: Optional[str]) -> None:
                 param.sequence_parallel = False
 
 
-def _folded_rank(rank: int, world: int, case: VerifyCase, reference_path: str):
-    from folding.data import ByteCorpus
+def _folded_rank(rank: int, world: int, cases: List[VerifyCase], paths: List[str]):
+    from megatron.core import parallel_state as ps
+
     from folding.runtime.cpu import enable
-    from folding.trainer import RankTrainer
 
     enable()
+    out = []
+    for case, reference_path in zip(cases, paths):
+        out.append(_folded_case(rank, case, reference_path))
+        ps.destroy_model_parallel()
+    return out
+
+
+def _folded_case(rank: int, case: VerifyCase, reference_path: str):
+    from folding.data import ByteCorpus
+    from folding.trainer import RankTrainer
+
     recipe = case.load_recipe()
-    trainer = RankTrainer(recipe.model, recipe.training, case.spec, case.routing)
-    _break(trainer, case.fault)
     reference = torch.load(reference_path, weights_only=False)
+    coords = case.spec.coordinates(rank)["attention"]
+    group = coords["tp"] + case.spec.tp * coords["cp"] if _token_groups(case.spec) > 1 else 0
+    decisions = DropDecisions("replay", groups=1, records=reference["drops"],
+                              micro_batches=case.micro_batches, dp_rank=coords["dp"], group=group)
+    decisions.install()
+    routing = case.routing
+    if case.fault == "halve-capacity" and routing.capacity_factor is not None:
+        routing = dataclasses.replace(routing, capacity_factor=routing.capacity_factor / 2)
+    trainer = RankTrainer(recipe.model, recipe.training, case.spec, routing)
+    _break(trainer, case.fault)
     corpus = ByteCorpus(recipe.training.data)
+    reference = reference["steps"]
     steps = []
     for step in range(case.steps):
+        decisions.start_step(step)
         result = trainer.step(_micro_batches_for(case, case.spec, rank, step, corpus), keep_grads=True)
         steps.append({"loss": result.loss,
                       "grads": _error_sums(result.grads, reference[step]["grads"], recipe.model,
@@ -234,7 +254,8 @@ def _folded_rank(rank: int, world: int, case: VerifyCase, reference_path: str):
                       "params": _error_sums(trainer.param_shard(), reference[step]["params"],
                                             recipe.model, case.spec, rank),
                       "traffic": trainer.traffic_report()})
-    return steps
+    decisions.uninstall()
+    return {"steps": steps, "drops": decisions.check}
 
 
 def _relative_by_tensor(per_rank: List[Dict]) -> Dict[str, float]:
@@ -253,25 +274,54 @@ def _relative_by_tensor(per_rank: List[Dict]) -> Dict[str, float]:
             for name, (d, r) in totals.items()}
 
 
-def verify(case: VerifyCase, timeout_s: float = 1200) -> VerifyReport:
+def verify(case: VerifyCase, timeout_s: float = 1200, progress: bool = False) -> VerifyReport:
     """Run the reference and the folded model; compare them step by step."""
+    return verify_many([case], timeout_s=timeout_s, progress=progress)[0]
+
+
+def verify_many(cases: List[VerifyCase], timeout_s: float = 3600,
+                progress: bool = False) -> List[VerifyReport]:
+    """Check several foldings, sharing process start-up: one single-process reference run for
+    all of them, then one spawn of ranks per world size that runs its cases in turn."""
+    from tqdm import tqdm
+
     from folding.launch import run_ranks
 
+    worlds = sorted({c.spec.world_size for c in cases})
+    bar = tqdm(total=1 + len(worlds), desc="verify", unit="run", disable=not progress, leave=False)
     with tempfile.TemporaryDirectory(prefix="folding-verify-") as tmp:
-        reference_path = os.path.join(tmp, "reference.pt")
-        run_ranks(_reference_rank, 1, case, reference_path, timeout_s=timeout_s)
-        reference = torch.load(reference_path, weights_only=False)
-        ranks = run_ranks(_folded_rank, case.spec.world_size, case, reference_path,
-                          timeout_s=timeout_s)
+        paths = [os.path.join(tmp, f"reference-{i}.pt") for i in range(len(cases))]
+        bar.set_postfix_str("single-process reference")
+        run_ranks(_reference_rank, 1, cases, paths, timeout_s=timeout_s)
+        bar.update()
+        results: Dict[int, dict] = {}
+        for world in worlds:
+            bar.set_postfix_str(f"folded runs on {world} ranks")
+            mine = [i for i, c in enumerate(cases) if c.spec.world_size == world]
+            per_rank = run_ranks(_folded_rank, world, [cases[i] for i in mine],
+                                 [paths[i] for i in mine], timeout_s=timeout_s)
+            for position, index in enumerate(mine):
+                results[index] = [rank_results[position] for rank_results in per_rank]
+            bar.update()
+        references = [torch.load(p, weights_only=False)["steps"] for p in paths]
+    bar.close()
+    return [_report(case, references[i], results[i]) for i, case in enumerate(cases)]
+
+
+def _report(case: VerifyCase, reference: list, results: list) -> VerifyReport:
+    ranks = [r["steps"] for r in results]
+    drops = DropCheck(compared=sum(r["drops"].compared for r in results),
+                      near_ties=sum(r["drops"].near_ties for r in results),
+                      mismatches=[m for r in results for m in r["drops"].mismatches])
     comparisons = []
     for step in range(case.steps):
         losses = {r[step]["loss"] for r in ranks}
-        folded_loss = max(losses, key=lambda l: abs(l - reference[step]["loss"]))
         ref_loss = reference[step]["loss"]
+        folded_loss = max(losses, key=lambda l: abs(l - ref_loss))
         comparisons.append(StepComparison(
             step=step, loss_reference=ref_loss, loss_folded=folded_loss,
             loss_rel_diff=abs(folded_loss - ref_loss) / abs(ref_loss),
             grad_rel_diff=_relative_by_tensor([r[step]["grads"] for r in ranks]),
             param_rel_diff=_relative_by_tensor([r[step]["params"] for r in ranks])))
     traffic = [r[-1]["traffic"] for r in ranks] if ranks[0][-1]["traffic"] is not None else None
-    return VerifyReport(case, comparisons, traffic)
+    return VerifyReport(case, comparisons, drops, traffic)

@@ -1,0 +1,62 @@
+"""``folding train``: the main job, a recipe trained on local CPU ranks in a folded layout."""
+
+from __future__ import annotations
+
+import argparse
+
+from folding.commands.common import add_json_argument, emit_json
+from folding.model import DISPATCHERS
+from folding.train import TrainOptions, TrainSummary
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train a recipe on local CPU ranks (default: tiny-moe on 8 ranks)",
+        description="Train a recipe's model with Megatron-Core on local gloo ranks in its folded "
+                    "layout, on the byte-level corpus shipped with the package.")
+    p.add_argument("--recipe", default="tiny-moe", help="recipe name or YAML file")
+    p.add_argument("--steps", type=int, help="steps to run now (default: the recipe's train_iters)")
+    p.add_argument("--nproc", type=int, help="local ranks (default: the recipe's world size)")
+    p.add_argument("--save", metavar="DIR", help="write a full-layout checkpoint at the end")
+    p.add_argument("--load", metavar="DIR", help="resume from a checkpoint (any folding)")
+    p.add_argument("--log-interval", type=int, help="steps between log lines")
+    for degree in ("tp", "pp", "vpp", "etp", "ep"):
+        p.add_argument(f"--{degree}", type=int, help=f"override the recipe's {degree.upper()}")
+    p.add_argument("--gpus-per-node", type=int, help="override the recipe's ranks per node")
+    p.add_argument("--dispatcher", choices=DISPATCHERS, help="override the token dispatcher")
+    add_json_argument(p)
+    p.set_defaults(handler=run)
+
+
+def options_from_args(args: argparse.Namespace) -> TrainOptions:
+    folding = {k: getattr(args, k) for k in ("tp", "pp", "vpp", "etp", "ep", "gpus_per_node")
+               if getattr(args, k) is not None}
+    routing = {"dispatcher": args.dispatcher} if args.dispatcher else {}
+    return TrainOptions(recipe=args.recipe, steps=args.steps, nproc=args.nproc, folding=folding,
+                        routing=routing, save=args.save, load=args.load,
+                        log_interval=args.log_interval)
+
+
+def summary_text(s: TrainSummary) -> str:
+    last = s.first_step + len(s.losses)
+    lines = [f"trained {s.recipe} for steps {s.first_step + 1}-{last} on {s.world_size} CPU ranks, "
+             f"folding {s.folding}",
+             f"loss {s.first_loss:.3f} -> {s.last_loss:.3f} nats/byte (first step -> mean of the "
+             f"last {min(10, len(s.losses))})",
+             f"wall time {s.wall_s:.0f} s ({s.train_s:.0f} s training), {s.tokens_per_s:,.0f} tokens/s"]
+    if s.saved:
+        lines.append(f"checkpoint written to {s.saved}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from folding.train import train
+
+    options = options_from_args(args)
+    options.progress = True
+    summary = train(options)
+    if args.json:
+        emit_json(summary.to_json())
+    else:
+        print(summary_text(summary))
+    return 0

@@ -1,0 +1,175 @@
+"""The main job: train a recipe's model on local CPU ranks in a folded layout.
+
+Every rank runs Megatron-Core's GPT + MoE model under the CPU runtime; rank 0 shows a progress
+bar and the loss at each logging interval; the parent collects a summary. Checkpoints use the
+full layout (``folding.checkpoint``), so ``--load`` works under any folding of the same model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from folding.errors import FoldingError
+from folding.mesh import FoldingSpec
+from folding.model import MoERouting
+from folding.recipe import Recipe, load_recipe
+
+
+@dataclass
+class TrainOptions:
+    """What ``folding train`` was asked to do."""
+
+    recipe: str = "tiny-moe"
+    steps: Optional[int] = None
+    """Steps to run now; None means the recipe's train_iters (less any already done)."""
+    nproc: Optional[int] = None
+    """Local ranks; None means the recipe's world size."""
+    folding: Dict[str, object] = field(default_factory=dict)
+    """Degrees that replace the recipe's folding (tp, ep, ...)."""
+    routing: Dict[str, object] = field(default_factory=dict)
+    """MoERouting fields that replace the recipe's (dispatcher, capacity_factor, ...)."""
+    save: Optional[str] = None
+    load: Optional[str] = None
+    log_interval: Optional[int] = None
+    progress: bool = True
+
+    def resolve(self) -> Recipe:
+        recipe = load_recipe(self.recipe)
+        degrees = recipe.folding.degrees()
+        overrides = dict(self.folding)
+        if self.nproc is not None:
+            overrides["world_size"] = self.nproc
+        if overrides:
+            # Derived degrees are derived again for the new layout.
+            for derived in ("dp", "edp", "sequence_parallel"):
+                degrees.pop(derived)
+        degrees.update(overrides)
+        spec = FoldingSpec(**degrees, num_experts=recipe.model.num_experts,
+                           num_layers=recipe.model.num_layers,
+                           num_attention_heads=recipe.model.num_attention_heads,
+                           num_query_groups=recipe.model.query_groups)
+        training = recipe.training
+        if self.log_interval:
+            training = dataclasses.replace(training, log_interval=self.log_interval)
+        if spec.world_size > 64:
+            raise FoldingError(f"folding train runs local CPU ranks; {spec.world_size} is too many")
+        micro = training.micro_batch_size * spec.dp
+        if training.global_batch_size % micro:
+            raise FoldingError(f"global batch {training.global_batch_size} is not divisible by "
+                               f"micro-batch size {training.micro_batch_size} x DP {spec.dp}")
+        return dataclasses.replace(recipe, folding=spec, training=training)
+
+
+@dataclass
+class TrainSummary:
+    recipe: str
+    folding: str
+    world_size: int
+    first_step: int
+    losses: List[float]
+    wall_s: float
+    train_s: float
+    tokens_per_s: float
+    saved: Optional[str] = None
+    traffic: Optional[list] = None
+
+    @property
+    def first_loss(self) -> float:
+        return self.losses[0]
+
+    @property
+    def last_loss(self) -> float:
+        """Mean of the last ten steps: a single step's loss is noisy."""
+        tail = self.losses[-10:]
+        return sum(tail) / len(tail)
+
+    def to_json(self) -> dict:
+        return {"recipe": self.recipe, "folding": self.folding, "world_size": self.world_size,
+                "first_step": self.first_step, "steps": len(self.losses),
+                "first_loss": self.first_loss, "last_loss": self.last_loss,
+                "losses": self.losses, "wall_s": self.wall_s, "tokens_per_s": self.tokens_per_s,
+                "saved": self.saved, "traffic": self.traffic}
+
+
+def _train_rank(rank: int, world: int, options: TrainOptions, recipe: Recipe) -> Optional[dict]:
+    import torch.distributed as dist
+    from tqdm import tqdm
+
+    from folding import checkpoint
+    from folding.data import ByteCorpus, micro_batches
+    from folding.runtime.cpu import enable
+    from folding.trainer import RankTrainer
+
+    enable()
+    spec, training = recipe.folding, recipe.training
+    routing = dataclasses.replace(MoERouting.from_training(training), **options.routing)
+    loaded = checkpoint.read(options.load, recipe.model) if options.load else None
+    trainer = RankTrainer(recipe.model, training, spec, routing,
+                          full_weights=loaded["model"] if loaded else None)
+    if loaded:
+        checkpoint.restore(trainer, loaded)
+    corpus = ByteCorpus(training.data or "folding/data/corpus.txt")
+    first = trainer.steps_done
+    steps = options.steps if options.steps is not None else max(training.train_iters - first, 0)
+    dp_rank = spec.coordinates(rank)["attention"]["dp"]
+    per_rank = training.global_batch_size // (training.micro_batch_size * spec.dp)
+    tokens_per_step = training.global_batch_size * training.seq_length
+    show = rank == 0 and options.progress
+    bar = tqdm(total=steps, desc=f"train {recipe.name}", unit="step", disable=not show,
+               file=sys.stderr, dynamic_ncols=True)
+    losses: List[float] = []
+    started = time.perf_counter()
+    for step in range(first, first + steps):
+        batch = corpus.global_batch(training.seed, step, training.global_batch_size,
+                                    training.seq_length)
+        result = trainer.step(micro_batches(batch, dp_rank, spec.dp, per_rank,
+                                            training.micro_batch_size))
+        losses.append(result.loss)
+        bar.update()
+        bar.set_postfix(loss=f"{result.loss:.3f}")
+        done = step + 1 - first
+        if show and (done % training.log_interval == 0 or done == steps):
+            elapsed = time.perf_counter() - started
+            window = losses[-training.log_interval:]
+            bar.write(f"step {step + 1:5d} | loss {sum(window) / len(window):.4f} | "
+                      f"lr {trainer.scheduler.get_lr(trainer.optimizer.param_groups[0]):.2e} | "
+                      f"grad norm {result.grad_norm:.3f} | "
+                      f"{done * tokens_per_step / elapsed:,.0f} tokens/s", file=sys.stderr)
+    bar.close()
+    train_s = time.perf_counter() - started
+    if options.save:
+        meta = {"recipe": recipe.name, "folding": spec.degrees(),
+                "losses": (loaded["meta"].get("losses", []) if loaded else []) + losses}
+        checkpoint.save(options.save, trainer, meta)
+    traffic = trainer.traffic_report()
+    if rank != 0:
+        return None
+    return {"losses": losses, "first_step": first, "train_s": train_s,
+            "tokens_per_s": steps * tokens_per_step / train_s if steps else 0.0,
+            "traffic": traffic}
+
+
+def train(options: TrainOptions, timeout_s: Optional[float] = None) -> TrainSummary:
+    from folding.launch import run_ranks
+
+    recipe = options.resolve()
+    if options.load:
+        from folding.checkpoint import saved_step
+
+        if saved_step(options.load) is None:
+            raise FoldingError(f"{options.load} is not a checkpoint: meta.json is missing")
+    started = time.perf_counter()
+    results = run_ranks(_train_rank, recipe.folding.world_size, options, recipe,
+                        timeout_s=timeout_s)
+    head = results[0]
+    if not head["losses"]:
+        raise FoldingError("nothing to train: the recipe's train_iters are done; pass --steps")
+    return TrainSummary(recipe=recipe.name, folding=recipe.folding.describe(),
+                        world_size=recipe.folding.world_size, first_step=head["first_step"],
+                        losses=head["losses"], wall_s=time.perf_counter() - started,
+                        train_s=head["train_s"], tokens_per_s=head["tokens_per_s"],
+                        saved=options.save, traffic=head["traffic"])
