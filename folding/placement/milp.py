@@ -8,9 +8,11 @@ linearised:
   each distinct top-k set s of the layer (with c_s tokens), y[s, r] >= x[e, r] for e in s says
   rank r receives the set, z[s, n] >= sum over r in node n of x[e, r] likewise for nodes.
   Cost sum_s c_s (w_rank sum_r y + w_node sum_n z) / tokens = D_gpu + 4 D_node of the layer.
-- inference, all layers at once: for each pair (i at layer l, j at layer l+1) with t_ij
-  top-1 transitions, m[r] <= x_l[i, r], m[r] <= x_{l+1}[j, r] and sum_r m is 1 when both share
-  a rank (likewise per node); cost sum t_ij (w_rank (1 - sum_r m) + w_node (1 - sum_n q)).
+- inference, all layers at once: for each host h (a rank, or a node) and layer pair, leave[i]
+  counts the top-1 transitions from expert i that stay on h, at most the flow from i into the
+  experts of layer l+1 on h and at most i's outflow times x_l[i, h]; arrive[j] bounds the same
+  tokens from the other side. Cost: all transitions times (w_rank + w_node) minus the weighted
+  stays, over the number of transitions.
 
 Balance: sum over ranks of max(load_r - t, 0) <= budget with t and budget from
 ``solver.balance_limits``. Without sampling noise that is exactly the fast solver's constraint
@@ -28,17 +30,22 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 import numpy as np
-from scipy.optimize import LinearConstraint, milp
+from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import coo_matrix
 
 from folding.errors import FoldingError
-from folding.placement.metrics import objective_weights
+from folding.placement.metrics import evaluate, objective_weights
 from folding.placement.placement import Placement
 from folding.placement.solver import DEFAULT_BALANCE_SLACK, balance_limits, check_sizes
 from folding.placement.trace import RoutingTrace
 
-MAX_VARIABLES = 60_000
-SYMMETRY = 'full'
+MAX_VARIABLES = 20_000
+
+
+def check_size(variables: int) -> None:
+    if variables > MAX_VARIABLES:
+        raise FoldingError(f"the exact MILP would need {variables} variables (at most {MAX_VARIABLES}): "
+                           f"use it on small instances only")
 
 
 @dataclass
@@ -47,7 +54,7 @@ class MilpResult:
 
     placement: Optional[Placement]
     cost: float
-    """Objective of the best placement found (D_gpu + 4 D_node, or X_gpu + X_node), on the trace."""
+    """Cost of the best placement found on the trace (``PlacementMetrics.cost``)."""
     bound: float
     """Proven lower bound on the optimum."""
     optimal: bool
@@ -89,12 +96,7 @@ class _Model:
         self.high.append(high)
 
     def solve(self, time_limit: float):
-        if len(self.cost) > MAX_VARIABLES:
-            raise FoldingError(f"the exact MILP would need {len(self.cost)} variables (at most "
-                               f"{MAX_VARIABLES}): use it on small instances only")
         matrix = coo_matrix((self.vals, (self.rows, self.cols)), shape=(len(self.low), len(self.cost))).tocsr()
-        from scipy.optimize import Bounds
-
         return milp(np.array(self.cost), integrality=np.array(self.integer),
                     bounds=Bounds(np.zeros(len(self.cost)), np.array(self.upper)),
                     constraints=LinearConstraint(matrix, np.array(self.low), np.array(self.high)),
@@ -119,7 +121,7 @@ def _assignment(model: _Model, experts: int, ranks: int, slots: int, loads: np.n
             # over_r >= load_r - t
             model.row(np.append(x[:, r], over[r]), np.append(-loads, 1.0), -threshold, np.inf)
         model.row(over, 1.0, -np.inf, budget)
-    if rank_nodes is not None and SYMMETRY == "full":
+    if rank_nodes is not None:
         firsts = [int(np.flatnonzero(rank_nodes == n)[0]) for n in range(int(rank_nodes.max()) + 1)]
         ordered = [(r, r + 1) for r in range(ranks - 1) if rank_nodes[r] == rank_nodes[r + 1]]
         ordered += list(zip(firsts[:-1], firsts[1:]))
@@ -127,8 +129,6 @@ def _assignment(model: _Model, experts: int, ranks: int, slots: int, loads: np.n
             for e in range(experts):
                 # x[e, high] <= sum over e' < e of x[e', low]
                 model.row(np.append(x[e, high], x[:e, low]), np.append(1.0, -np.ones(e)), -np.inf, 0.0)
-    elif rank_nodes is not None and SYMMETRY == "first":
-        model.row(x[0, 0], 1.0, 1.0, 1.0)
     return x
 
 
@@ -191,11 +191,12 @@ def solve_training_milp(trace: RoutingTrace, ep_size: int, gpus_per_node: int, r
     num_nodes = int(rank_nodes.max()) + 1
     canonical = rank_nodes if P % gpus_per_node == 0 or num_nodes == 1 else None
     counts = trace.expert_counts()
-    cost = bound = 0.0
+    bound = 0.0
     optimal = True
     rows = []
-    for layer in range(L):
-        sets, weight = np.unique(np.sort(trace.topk[layer], axis=1), axis=0, return_counts=True)
+    layer_sets = [np.unique(np.sort(trace.topk[layer], axis=1), axis=0, return_counts=True) for layer in range(L)]
+    check_size(max(E * P + len(sets) * (P + num_nodes) + P for sets, _ in layer_sets))
+    for layer, (sets, weight) in enumerate(layer_sets):
         model = _Model()
         threshold, budget = _limits(trace, layer, counts[layer], P, slots, balance_slack, sampling_noise)
         x = _assignment(model, E, P, slots, counts[layer].astype(float), threshold, budget, canonical)
@@ -220,11 +221,11 @@ def solve_training_milp(trace: RoutingTrace, ep_size: int, gpus_per_node: int, r
         if result.x is None:
             raise FoldingError(f"the exact MILP found no placement for layer {layer} in {remaining:.0f} s")
         optimal &= result.status == 0
-        cost += result.fun + constant
         bound += getattr(result, "mip_dual_bound", result.fun) + constant
         rows.append(_ranks_of(result.x, x))
     placement = Placement.from_rank_assignment(E, P, gpus_per_node, [np.arange(E)] * L, rows)
-    return MilpResult(placement, cost / L, bound / L, optimal, time.perf_counter() - start)
+    return MilpResult(placement, evaluate(placement, trace).cost("training"), bound / L, optimal,
+                      time.perf_counter() - start)
 
 
 def solve_inference_milp(trace: RoutingTrace, ep_size: int, gpus_per_node: int, redundant: int = 0,
@@ -242,6 +243,7 @@ def solve_inference_milp(trace: RoutingTrace, ep_size: int, gpus_per_node: int, 
     num_nodes = int(rank_nodes.max()) + 1
     counts = trace.expert_counts()
     transitions = trace.top1_transitions()
+    check_size(L * (E * P + P) + (L - 1) * 2 * E * (P + (num_nodes if num_nodes > 1 else 0)))
     model = _Model()
     xs = []
     for layer in range(L):
@@ -264,8 +266,8 @@ def solve_inference_milp(trace: RoutingTrace, ep_size: int, gpus_per_node: int, 
     rows = [_ranks_of(result.x, x) for x in xs]
     placement = Placement.from_rank_assignment(E, P, gpus_per_node, [np.arange(E)] * L, rows)
     bound = getattr(result, "mip_dual_bound", result.fun)
-    return MilpResult(placement, result.fun + constant, bound + constant, result.status == 0,
-                      time.perf_counter() - start)
+    return MilpResult(placement, evaluate(placement, trace).cost("inference"), bound + constant,
+                      result.status == 0, time.perf_counter() - start)
 
 
 def solve_milp(trace: RoutingTrace, ep_size: int, gpus_per_node: int, objective: str = "training",

@@ -84,6 +84,9 @@ class Placement:
             value = obj[key]
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise FoldingError(f"{source}: {key} must be a positive integer, not {value!r}")
+        if obj["num_experts"] % obj["ep_size"]:
+            raise FoldingError(f"{source}: num_experts={obj['num_experts']} is not divisible by "
+                               f"ep_size={obj['ep_size']}")
         layers = obj["layers"]
         if not isinstance(layers, list) or not all(isinstance(row, list) for row in layers):
             raise FoldingError(f"{source}: 'layers' must be a list of lists of expert ids")

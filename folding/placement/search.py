@@ -214,7 +214,7 @@ class LayerSearch:
         """Swap until the excess is within budget; True on success.
 
         Takes the cheapest swap that reaches the budget if one exists, otherwise the swap that
-        lowers the excess most; gives up when no swap lowers it.
+        lowers the excess most; gives up when no swap lowers it. The move budget is never broken.
         """
         if not self.constrained:
             return True
@@ -226,6 +226,9 @@ class LayerSearch:
             after = excess + self.excess_change()
             gain = self.gains()
             valid = np.isfinite(gain)
+            moves = self._moves_after()
+            if moves is not None:
+                valid &= self.moved + moves <= self.max_moved
             fixes = valid & (after <= self.excess_budget)
             if fixes.any():
                 choice = np.argmax(np.where(fixes, gain, NEGATIVE))

@@ -226,22 +226,29 @@ def warm_training_layer(items: LayerItems, search_from, rank_nodes: np.ndarray, 
 
 
 def align_ranks(ranks: np.ndarray, home: np.ndarray, rank_nodes: np.ndarray) -> np.ndarray:
-    """Relabel ranks (whole nodes among equal-sized nodes, then ranks inside a node), which
-    changes no cost, so that as many items as possible sit on their home rank."""
+    """Relabel ranks (whole nodes among equal-sized nodes, ranks inside a node), which changes
+    no cost, so that the most items sit on their home rank. Exact: the best rank matching of
+    every pair of nodes is an assignment problem, and so is the matching of nodes given those."""
     P = len(rank_nodes)
     overlap = np.zeros((P, P))
     np.add.at(overlap, (ranks, home), 1.0)
     num_nodes = int(rank_nodes.max()) + 1
     members = [np.flatnonzero(rank_nodes == n) for n in range(num_nodes)]
-    node_target = np.arange(num_nodes)
-    if len({len(m) for m in members}) == 1:
-        node_overlap = np.array([[overlap[np.ix_(a, b)].sum() for b in members] for a in members])
-        _, node_target = linear_sum_assignment(-node_overlap)
+    matchings = {}
+    value = np.full((num_nodes, num_nodes), -np.inf)
+    for source in range(num_nodes):
+        for target in range(num_nodes):
+            if len(members[source]) != len(members[target]):
+                continue
+            block = overlap[np.ix_(members[source], members[target])]
+            rows, cols = linear_sum_assignment(-block)
+            matchings[source, target] = (members[source][rows], members[target][cols])
+            value[source, target] = block[rows, cols].sum()
+    _, node_target = linear_sum_assignment(-np.where(np.isfinite(value), value, -1e18))
     relabel = np.empty(P, dtype=np.int64)
-    for node, target in enumerate(node_target):
-        source_ranks, target_ranks = members[node], members[target]
-        rows, cols = linear_sum_assignment(-overlap[np.ix_(source_ranks, target_ranks)])
-        relabel[source_ranks[rows]] = target_ranks[cols]
+    for source, target in enumerate(node_target):
+        old, new = matchings[source, target]
+        relabel[old] = new
     return relabel[ranks]
 
 

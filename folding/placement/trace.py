@@ -138,9 +138,10 @@ def load_trace(path: Union[str, Path]) -> RoutingTrace:
     if not path.is_file():
         raise FoldingError(f"trace {path} does not exist")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if not hasattr(data, "files"):
-                raise FoldingError(f"{path} is a single array, not an .npz trace with 'topk' and 'num_experts'")
+        data = np.load(path, allow_pickle=False)
+        if not hasattr(data, "files"):
+            raise FoldingError(f"{path} is a single array, not an .npz trace with 'topk' and 'num_experts'")
+        with data:
             arrays = {name: data[name] for name in data.files}
     except FoldingError:
         raise

@@ -1,0 +1,92 @@
+"""``folding trace``: synthetic routing traces, and a summary of any trace file."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from folding.commands.common import add_json_argument, emit_json, format_table
+from folding.errors import FoldingError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("trace", help="make or inspect routing traces (.npz)",
+                       description="Routing traces record the top-k experts of every token at every "
+                                   "MoE layer; `folding place` fits placements on them.")
+    actions = p.add_subparsers(dest="trace_command", required=True, parser_class=type(p))
+
+    synth = actions.add_parser("synth", help="write a synthetic trace",
+                               description="Draw a trace with controllable popularity skew, co-activation "
+                                           "inside a layer and affinity between consecutive layers.")
+    synth.add_argument("--experts", type=int, required=True, help="experts per MoE layer")
+    synth.add_argument("--layers", type=int, required=True, help="MoE layers")
+    synth.add_argument("--tokens", type=int, required=True, help="tokens")
+    synth.add_argument("--topk", type=int, required=True, help="experts per token")
+    synth.add_argument("--skew", type=float, default=0.5, help="Zipf exponent of expert popularity (0: uniform)")
+    synth.add_argument("--coactivation", type=float, default=0.0,
+                       help="probability that each non-top-1 expert comes from the top-1 expert's group")
+    synth.add_argument("--group-size", type=int, default=8, help="experts per co-activation group")
+    synth.add_argument("--affinity", type=float, default=0.0,
+                       help="probability that a token's top-1 expert follows its chain to the next layer")
+    synth.add_argument("--drift", type=float, default=0.0,
+                       help="share of experts per layer whose roles are reassigned (routing drift)")
+    synth.add_argument("--seed", type=int, default=0, help="seed of the structure (roles, groups, chains)")
+    synth.add_argument("--token-seed", type=int, default=1, help="seed of the token draws")
+    synth.add_argument("--drift-seed", type=int, default=2, help="seed of the drift")
+    synth.add_argument("--out", required=True, metavar="FILE", help="trace to write (.npz)")
+    add_json_argument(synth)
+    synth.set_defaults(handler=run_synth)
+
+    info = actions.add_parser("info", help="check a trace and summarise it")
+    info.add_argument("file", help="trace (.npz)")
+    add_json_argument(info)
+    info.set_defaults(handler=run_info)
+
+
+def trace_summary(trace) -> dict:
+    """Sizes, the hottest expert's share of pairs, and how often the top-1 expert repeats its
+    most frequent successor (a quick look at skew and inter-layer affinity)."""
+    counts = trace.expert_counts()
+    hottest = float((counts.max(axis=1) / counts.sum(axis=1)).mean())
+    transitions = trace.top1_transitions()
+    follow = float(transitions.max(axis=2).sum() / transitions.sum()) if trace.num_layers > 1 else None
+    return {"layers": trace.num_layers, "tokens": trace.num_tokens, "topk": trace.top_k,
+            "experts": trace.num_experts, "probs": trace.probs is not None,
+            "hottest_expert_share": hottest, "top1_follows_likeliest_successor": follow}
+
+
+def print_summary(path: str, summary: dict) -> None:
+    rows = [[k, f"{v:.4f}" if isinstance(v, float) else v] for k, v in summary.items()]
+    print(f"{path}:")
+    print(format_table(["field", "value"], rows))
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    from folding.placement.synth import SynthSpec, synthesize
+
+    spec = SynthSpec(args.experts, args.layers, args.tokens, args.topk, skew=args.skew,
+                     coactivation=args.coactivation, group_size=args.group_size, affinity=args.affinity,
+                     drift=args.drift, seed=args.seed, token_seed=args.token_seed, drift_seed=args.drift_seed)
+    trace = synthesize(spec, progress=sys.stderr.isatty())
+    try:
+        trace.save(args.out)
+    except OSError as e:
+        raise FoldingError(f"cannot write {args.out}: {e.strerror or e}") from None
+    summary = trace_summary(trace)
+    if args.json:
+        emit_json({"out": args.out, **summary})
+    else:
+        print_summary(args.out, summary)
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from folding.placement.trace import load_trace
+
+    summary = trace_summary(load_trace(args.file))
+    if args.json:
+        emit_json({"file": args.file, **summary})
+    else:
+        print_summary(args.file, summary)
+    return 0
+
