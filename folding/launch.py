@@ -37,8 +37,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _exit_with_parent(poll_s: float = 1.0) -> None:
+    """A rank whose launcher died has nobody to report to and may wait forever in a collective:
+    exit as soon as the parent is gone."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 def _worker(rank: int, world_size: int, port: int, threads: int, fn: Callable, args: tuple,
             results, collective_timeout_s: float) -> None:
+    import logging
     import warnings
 
     import torch
@@ -48,8 +65,14 @@ def _worker(rank: int, world_size: int, port: int, threads: int, fn: Callable, a
     # every rank; on a CPU run that is noise, not news.
     for module in ("megatron", "torch.distributed", "torch.nn", "transformer_engine"):
         warnings.filterwarnings("ignore", module=module)
+    logging.getLogger("megatron").setLevel(logging.ERROR)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    _exit_with_parent()
+    pid_dir = os.environ.get("FOLDING_PID_DIR")
+    if pid_dir:  # lets a supervisor (or a test) find the process of each rank
+        with open(os.path.join(pid_dir, f"rank-{rank}.pid"), "w") as f:
+            f.write(str(os.getpid()))
     torch.set_num_threads(threads)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size,

@@ -94,15 +94,30 @@ def initialize(spec: FoldingSpec, **megatron_kwargs) -> None:
                            f"{int(failed.item())} group(s) of other ranks")
 
 
-def _initialize_and_report(rank: int, world_size: int, specs: List[FoldingSpec]) -> List[int]:
-    """Rank body of ``check_on_gloo``: initialise and verify each folding in turn."""
+def destroy() -> None:
+    """Undo ``initialize``: Megatron's state and the process groups it created.
+
+    Megatron's destroy_model_parallel forgets its groups but leaves them alive, each with its
+    own communication threads; a process that initialises many foldings in turn must destroy
+    them too.
+    """
     from megatron.core import parallel_state as ps
 
+    ps.destroy_model_parallel()
+    dist = torch.distributed
+    world = dist.group.WORLD
+    for group in list(dist.distributed_c10d._world.pg_map):
+        if group is not world and group is not None:
+            dist.destroy_process_group(group)
+
+
+def _initialize_and_report(rank: int, world_size: int, specs: List[FoldingSpec]) -> List[int]:
+    """Rank body of ``check_on_gloo``: initialise and verify each folding in turn."""
     checked = []
     for spec in specs:
         initialize(spec)
         checked.append(len(megatron_groups_of_this_rank()))
-        ps.destroy_model_parallel()
+        destroy()
     return checked
 
 

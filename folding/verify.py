@@ -28,6 +28,7 @@ from folding.drop_decisions import DropCheck, DropDecisions
 from folding.errors import FoldingError
 from folding.mesh import FoldingSpec
 from folding.model import MoERouting
+from folding.parallel_state import destroy
 from folding.recipe import Recipe, load_recipe
 
 LOSS_TOLERANCE = 1e-5
@@ -152,8 +153,6 @@ def _micro_batches_for(case: VerifyCase, spec: FoldingSpec, rank: int, step: int
 
 def _reference_rank(rank: int, world: int, cases: List[VerifyCase], paths: List[str]) -> int:
     """Single-process runs; each writes per-step loss, full grads and params to its path."""
-    from megatron.core import parallel_state as ps
-
     from folding.data import ByteCorpus
     from folding.runtime.cpu import enable
     from folding.trainer import RankTrainer
@@ -177,7 +176,7 @@ def _reference_rank(rank: int, world: int, cases: List[VerifyCase], paths: List[
                           "params": unshard([trainer.param_shard()], recipe.model, spec)})
         torch.save({"steps": steps, "drops": decisions.records}, out_path)
         decisions.uninstall()
-        ps.destroy_model_parallel()
+        destroy()
     return len(cases)
 
 
@@ -214,15 +213,13 @@ def _break(trainer, fault: Optional[str]) -> None:
 
 
 def _folded_rank(rank: int, world: int, cases: List[VerifyCase], paths: List[str]):
-    from megatron.core import parallel_state as ps
-
     from folding.runtime.cpu import enable
 
     enable()
     out = []
     for case, reference_path in zip(cases, paths):
         out.append(_folded_case(rank, case, reference_path))
-        ps.destroy_model_parallel()
+        destroy()
     return out
 
 

@@ -1,0 +1,90 @@
+"""The CPU runtime: scoped, a no-op with CUDA, and Megatron's model built as the layout says."""
+
+import pytest
+import torch
+
+from folding.launch import run_ranks
+from folding.mesh import FoldingSpec
+from folding.runtime import cpu
+
+pytestmark = pytest.mark.megatron
+
+
+def test_scoped_and_restored():
+    before = (torch.cuda.current_device, torch.cuda.Stream, torch.Tensor.type)
+    with cpu.cpu_runtime() as on:
+        assert on
+        x = torch.zeros(3, device="cuda")
+        assert x.device.type == "cpu"
+        assert torch.empty(2, device=torch.cuda.current_device()).device.type == "cpu"
+        assert x.type() == "torch.cuda.FloatTensor"  # Megatron's type-string checks pass
+        with torch.cuda.stream(torch.cuda.Stream()):
+            torch.cuda.synchronize()
+    assert (torch.cuda.current_device, torch.cuda.Stream, torch.Tensor.type) == before
+    assert torch.zeros(1).type() == "torch.FloatTensor"
+    with pytest.raises((RuntimeError, AssertionError)):
+        torch.zeros(1, device="cuda")
+
+
+def test_no_op_where_cuda_is_present(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    before = torch.cuda.current_device
+    with cpu.cpu_runtime() as on:
+        assert not on
+        assert torch.cuda.current_device is before
+
+
+def _uneven_gather(rank, world):
+    import torch.distributed as dist
+
+    from folding.runtime.cpu import enable
+
+    enable()
+    mine = torch.arange(rank + 1, dtype=torch.float32) + 10 * rank
+    out = [torch.empty(r + 1) for r in range(world)]
+    dist.all_gather(out, mine)
+    return [t.tolist() for t in out]
+
+
+@pytest.mark.multiprocess
+def test_uneven_all_gather_on_gloo():
+    """NCCL gathers tensors of different sizes and gloo refuses; the runtime makes gloo agree."""
+    results = run_ranks(_uneven_gather, 3)
+    expected = [[0.0], [10.0, 11.0], [20.0, 21.0, 22.0]]
+    assert results == [expected] * 3
+
+
+def _model_shapes(rank, world, foldings):
+    from folding.model import build_model_chunks
+    from folding.parallel_state import destroy, initialize
+    from folding.recipe import load_recipe
+    from folding.runtime.cpu import enable
+    from folding.weights import named_parameters_of_chunks
+
+    enable()
+    out = []
+    for degrees in foldings:
+        recipe = load_recipe("tiny-moe", **degrees)
+        initialize(recipe.folding)
+        chunks = build_model_chunks(recipe.model, recipe.training, recipe.folding)
+        out.append({k: tuple(v.shape) for k, v in named_parameters_of_chunks(chunks).items()})
+        destroy()
+    return out
+
+
+@pytest.mark.multiprocess
+def test_megatron_model_matches_the_weight_layout():
+    """Every parameter Megatron builds on every rank is what folding.weights says, by name and
+    shape, and nothing is missing or extra."""
+    from folding.recipe import load_recipe
+    from folding.weights import full_param_shapes, shard
+
+    foldings = [dict(world_size=8, tp=2, ep=4, etp=1), dict(world_size=8, tp=4, ep=2, etp=2),
+                dict(world_size=8, tp=2, pp=2, vpp=2, ep=2, etp=2), dict(world_size=8, tp=1, pp=2, ep=4)]
+    per_rank = run_ranks(_model_shapes, 8, foldings)
+    for i, degrees in enumerate(foldings):
+        recipe = load_recipe("tiny-moe", **degrees)
+        full = {n: torch.empty(s) for n, s in full_param_shapes(recipe.model).items()}
+        for rank in range(8):
+            expected = {k: tuple(v.shape) for k, v in shard(full, recipe.model, recipe.folding, rank).items()}
+            assert per_rank[rank][i] == expected, (degrees, rank)

@@ -1,0 +1,119 @@
+"""folding train: the loss falls, checkpoints resume exactly, and a killed rank stops the run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from folding import checkpoint
+from folding.errors import FoldingError
+from folding.recipe import load_recipe
+from folding.weights import full_param_shapes
+
+pytestmark = [pytest.mark.megatron, pytest.mark.multiprocess, pytest.mark.slow]
+
+
+def folding_train(*argv, env=None):
+    proc = subprocess.run([sys.executable, "-m", "folding", "train", *argv, "--json"],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    ckpt = str(tmp_path_factory.mktemp("ckpt"))
+    return {
+        "whole": folding_train("--steps", "40"),
+        "first": folding_train("--steps", "20", "--save", ckpt),
+        "second": folding_train("--steps", "20", "--load", ckpt),
+        "second TP1 EP8": folding_train("--steps", "20", "--load", ckpt, "--tp", "1", "--ep", "8"),
+        "second TP2 PP2 EP4": folding_train("--steps", "20", "--load", ckpt, "--pp", "2"),
+        "ckpt": ckpt,
+    }
+
+
+def test_loss_falls_on_the_corpus(runs):
+    whole = runs["whole"]
+    assert whole["folding"] == "TP2 CP1 DP4 PP1 | ETP1 EP4 EDP2"  # attention and MoE layouts differ
+    assert abs(whole["first_loss"] - 5.545) < 0.05  # ln 256: a uniform guess over bytes
+    assert whole["last_loss"] < 3.0
+
+
+def test_resume_same_folding_is_bit_identical(runs):
+    assert runs["first"]["losses"] + runs["second"]["losses"] == runs["whole"]["losses"]
+    assert runs["second"]["first_step"] == 20
+
+
+@pytest.mark.parametrize("second", ["second TP1 EP8", "second TP2 PP2 EP4"])
+def test_resume_under_another_folding(runs, second):
+    reference = runs["whole"]["losses"][20:]
+    resumed = runs[second]["losses"]
+    rel = [abs(a - b) / b for a, b in zip(resumed, reference)]
+    # The first step after re-sharding computes the same function from the same state.
+    assert rel[0] <= 1e-5
+    # Later steps drift apart by rounding: one token routed to another expert at a near tie is
+    # enough. They stay close; the closing note of the issue gives the measured drift.
+    assert max(rel) <= 1e-2
+
+
+def test_checkpoint_holds_the_full_model(runs):
+    arch = load_recipe("tiny-moe").model
+    saved = checkpoint.read(runs["ckpt"], arch)
+    assert set(saved["model"]) == set(full_param_shapes(arch))
+    assert saved["meta"]["step"] == 20 and saved["optimizer"]["step"] == 20
+    assert len(saved["meta"]["losses"]) == 20
+
+
+def test_bad_checkpoints_are_refused(tmp_path):
+    arch = load_recipe("tiny-moe").model
+    with pytest.raises(FoldingError, match="is not a checkpoint: model.pt is missing"):
+        checkpoint.read(str(tmp_path), arch)
+    shapes = full_param_shapes(arch)
+    model = {n: torch.zeros(s) for n, s in shapes.items()}
+    model["output_layer.weight"] = torch.zeros(3, 3)
+    torch.save(model, tmp_path / "model.pt")
+    torch.save({}, tmp_path / "optimizer.pt")
+    (tmp_path / "meta.json").write_text("{}")
+    with pytest.raises(FoldingError, match=r"output_layer.weight has shape \(3, 3\)"):
+        checkpoint.read(str(tmp_path), arch)
+    (tmp_path / "meta.json").write_text("{not json")
+    with pytest.raises(FoldingError, match="meta.json is not valid JSON"):
+        checkpoint.read(str(tmp_path), arch)
+    proc = subprocess.run([sys.executable, "-m", "folding", "train", "--load", str(tmp_path / "nope")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "is not a checkpoint" in proc.stderr
+
+
+def test_killed_rank_stops_every_rank(tmp_path):
+    env = dict(os.environ, FOLDING_PID_DIR=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-m", "folding", "train", "--steps", "100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    pids = {}
+    deadline = time.monotonic() + 120
+    while len(pids) < 8 and time.monotonic() < deadline:
+        for r in range(8):
+            f = tmp_path / f"rank-{r}.pid"
+            if f.exists() and f.read_text():
+                pids[r] = int(f.read_text())
+        time.sleep(0.5)
+    assert len(pids) == 8, "ranks did not start"
+    time.sleep(15)  # let training start
+    os.kill(pids[3], signal.SIGKILL)
+    killed_at = time.monotonic()
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert time.monotonic() - killed_at < 60
+    assert proc.returncode == 2
+    assert "rank 3 failed: killed by signal 9" in err
+    time.sleep(1)
+    alive = [r for r, pid in pids.items() if os.path.exists(f"/proc/{pid}") and
+             "zombie" not in open(f"/proc/{pid}/status").read().lower()]
+    assert alive == []
