@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(VENV)/bin/folding mesh --world-size 128 --tp 2 --pp 8 --ep 8 --etp 1 --num-experts 8
+	$(VENV)/bin/folding train
 
 test: install
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
