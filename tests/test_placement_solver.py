@@ -317,3 +317,21 @@ def test_placements_for_tiny_traces_by_hand():
     best = solve(trace, 2, 1, "training", sampling_noise=False)
     assert evaluate(best.placement, trace).d_gpu == 1.0
     assert sorted(sorted(best.placement.layers[0][r * 2:(r + 1) * 2].tolist()) for r in range(2)) == [[0, 3], [1, 2]]
+
+
+def test_reassigning_the_most_misplaced_items_by_hand():
+    # pairs a = (0, 1) affinity 30, b = (2, 3) affinity 20, c = (4, 5) affinity 10, all split:
+    # rank 0 holds 0 and 3, rank 1 holds 2 and 5, rank 2 holds 4 and 1.
+    affinity = np.zeros((6, 6))
+    for (v, u), weight in (((0, 1), 30.0), ((2, 3), 20.0), ((4, 5), 10.0)):
+        affinity[v, u] = affinity[u, v] = weight
+    ranks = np.array([0, 2, 1, 0, 2, 1])
+    search = LayerSearch(ranks, np.ones(6), np.zeros(3, dtype=int), affinity=affinity, home=ranks, max_moved=3)
+    search.reassign_most_misplaced(3)
+    # Items 0, 1 (desire 30) and 2 (desire 20) trade the ranks 0, 2, 1 they hold; against the
+    # items that stay, only item 2 gains anything, next to its partner 3 on rank 0.
+    assert search.rank[2] == search.rank[3] == 0
+    assert search.rank[4] == 2 and search.rank[5] == 1
+    assert sorted(search.rank[[0, 1, 2]].tolist()) == [0, 1, 2]
+    fresh = LayerSearch(search.rank, np.ones(6), np.zeros(3, dtype=int), affinity=affinity)
+    assert np.allclose(search.rank_affinity, fresh.rank_affinity) and search.cost() == pytest.approx(-20.0)

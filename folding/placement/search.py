@@ -167,20 +167,26 @@ class LayerSearch:
         gain[rank[:, None] == rank[None, :]] = NEGATIVE
         return gain
 
-    def excess_change(self) -> np.ndarray:
-        """[V, V]: change of the layer's excess if v and u swap (0 without a constraint)."""
+    def excess_change(self, v: Optional[np.ndarray] = None, u: Optional[np.ndarray] = None) -> np.ndarray:
+        """Change of the layer's excess if v and u swap: for the given pairs of items, or as a
+        [V, V] matrix for all of them (0 without a constraint)."""
         V = len(self.rank)
+        if v is None:
+            v, u = np.divmod(np.arange(V * V), V)
+            return self.excess_change(v, u).reshape(V, V)
         if not self.constrained:
-            return np.zeros((V, V))
+            return np.zeros(len(v))
         w, rank = self.item_load, self.rank
-        load = self.rank_load[rank][:, None] - w[:, None] + w[None, :]  # v's rank after the swap
-        inner = np.broadcast_to(self.rank_inner[rank][:, None], (V, V))
-        if self.affinity is not None and self.noise:
-            own = self.rank_affinity[np.arange(V), rank]
-            inner = inner - own[:, None] + self.rank_affinity[:, rank].T - self.affinity
-        before = expected_excess(self.rank_load, self.rank_inner, self.threshold, self.noise)[rank]
-        after = expected_excess(load, inner, self.threshold, self.noise) - before[:, None]
-        return after + after.T
+        before = expected_excess(self.rank_load, self.rank_inner, self.threshold, self.noise)
+        change = np.zeros(len(v))
+        for a, b in ((v, u), (u, v)):  # a leaves its rank, b arrives there
+            host = rank[a]
+            load = self.rank_load[host] - w[a] + w[b]
+            inner = self.rank_inner[host]
+            if self.affinity is not None and self.noise:
+                inner = inner - self.rank_affinity[a, host] + self.rank_affinity[b, host] - self.affinity[a, b]
+            change += expected_excess(load, inner, self.threshold, self.noise) - before[host]
+        return change
 
     def _moves_after(self) -> Optional[np.ndarray]:
         """[V, V]: change in the number of items away from home if v and u swap."""
@@ -245,37 +251,48 @@ class LayerSearch:
                 price: Optional[float] = None) -> float:
         """Apply improving swaps until none is left (or the deadline); returns the total gain.
 
-        With ``price`` the excess is not bounded but costs ``price`` per unit instead.
+        With ``price`` the excess is not bounded but costs ``price`` per unit instead. Under the
+        hard budget the excess change is computed for the improving swaps only.
         """
         V = len(self.rank)
-        upper = np.triu(np.ones((V, V), dtype=bool), 1)
+        lower = ~np.triu(np.ones((V, V), dtype=bool), 1)
         total = 0.0
         for _ in range(max_rounds):
             if deadline is not None and time.perf_counter() > deadline:
                 break
             gain = self.gains()
-            change = self.excess_change()
-            feasible = upper.copy()
-            if price is not None:
-                gain = gain - price * change
-                room = np.inf
-            else:
-                room = self.excess_budget - self.excess() if self.constrained else np.inf
-                if self.constrained:
-                    feasible &= change <= room + self.tolerance
+            gain[lower] = NEGATIVE
             moves = self._moves_after()
             if moves is not None:
-                feasible &= self.moved + moves <= self.max_moved
-            gain = np.where(feasible, gain, NEGATIVE)
-            positive = np.flatnonzero(gain.ravel() > self.tolerance)
-            if positive.size == 0:
+                gain[self.moved + moves > self.max_moved] = NEGATIVE
+            room = np.inf
+            if price:
+                # A swap cannot lower the excess by more than its two ranks hold now, which
+                # rules out most pairs before their excess change is computed.
+                held = expected_excess(self.rank_load, self.rank_inner, self.threshold, self.noise)[self.rank]
+                gain = gain.ravel()
+                candidates = np.flatnonzero(gain + price * (held[:, None] + held[None, :]).ravel() > self.tolerance)
+                change = self.excess_change(*np.divmod(candidates, V))
+                gain[candidates] -= price * change
+                keep = gain[candidates] > self.tolerance
+                candidates, change = candidates[keep], change[keep]
+            else:
+                gain = gain.ravel()
+                candidates = np.flatnonzero(gain > self.tolerance)
+                change = np.zeros(len(candidates))
+                if price is None and self.constrained and len(candidates):
+                    room = self.excess_budget - self.excess()
+                    change = self.excess_change(*np.divmod(candidates, V))
+                    fits = change <= room + self.tolerance
+                    candidates, change = candidates[fits], change[fits]
+            if candidates.size == 0:
                 exchanged = self._exchange_ranks()
                 if exchanged <= 0:
                     break
                 total += exchanged
                 continue
-            best = positive[np.argsort(-gain.ravel()[positive], kind="stable")][:4 * self.num_ranks]
-            total += self._apply_disjoint(best, gain, change, room, moves)
+            order = np.argsort(-gain[candidates], kind="stable")[:4 * self.num_ranks]
+            total += self._apply_disjoint(candidates[order], gain[candidates[order]], change[order], room, moves)
         return total
 
     def _exchange_ranks(self) -> float:
@@ -322,6 +339,44 @@ class LayerSearch:
             self.swap(int(v), int(u))
         return True
 
+    def reassign_most_misplaced(self, count: int) -> None:
+        """Move the ``count`` items that would gain most elsewhere, as one assignment problem:
+        they trade places among the ranks they occupy (a cycle of moves, which pairwise swaps
+        only reach through losing steps), scored against the items that stay."""
+        from scipy.optimize import linear_sum_assignment
+
+        if count < 2 or self.affinity is None:
+            return
+        items = np.arange(len(self.rank))
+        node = self.rank_nodes
+        score = np.zeros((len(items), self.num_ranks))  # value of each item on each rank
+        if self.rank_weight:
+            score += self.rank_weight * self.rank_affinity
+        if self.node_weight:
+            score += self.node_weight * self.node_affinity[:, node]
+        if self.linear is not None:
+            score -= self.linear
+        desire = score.max(axis=1) - score[items, self.rank]
+        chosen = np.argsort(-desire, kind="stable")[:count]
+        slots = self.rank[chosen].copy()
+        # Score against the items that stay: remove the chosen items' own contributions.
+        value = score[np.ix_(chosen, slots)]
+        for j, slot in enumerate(slots):
+            on_slot = chosen[slots == slot]
+            value[:, j] -= self.rank_weight * self.affinity[np.ix_(chosen, on_slot)].sum(axis=1)
+            same_node = chosen[node[slots] == node[slot]]
+            value[:, j] -= self.node_weight * self.affinity[np.ix_(chosen, same_node)].sum(axis=1)
+        rows, cols = linear_sum_assignment(-value)
+        target_of = dict(zip(chosen[rows].tolist(), slots[cols].tolist()))
+        for v in chosen.tolist():
+            want = target_of[v]
+            if self.rank[v] == want:
+                continue
+            # A chosen item still on the wanted rank that belongs elsewhere always exists: the
+            # chosen items' ranks and their targets are the same multiset.
+            u = next(x for x in chosen.tolist() if x != v and self.rank[x] == want and target_of[x] != want)
+            self.swap(v, u)
+
     def optimise(self, deadline: Optional[float] = None, price_growth: float = 2.0,
                  max_stages: int = 40) -> None:
         """Improve under the balance constraint by continuation on the price of excess: first
@@ -344,16 +399,16 @@ class LayerSearch:
         self.repair()
         self.improve(deadline)
 
-    def _apply_disjoint(self, candidates: np.ndarray, gain: np.ndarray, change: np.ndarray, room: float,
+    def _apply_disjoint(self, candidates: np.ndarray, gains: np.ndarray, changes: np.ndarray, room: float,
                         moves: Optional[np.ndarray]) -> float:
-        """Apply the best candidates whose ranks (and nodes, across nodes) are disjoint, while
-        their summed excess change and moves stay within budget."""
+        """Apply the best candidates (flat pair indices, best first) whose ranks (and nodes,
+        across nodes) are disjoint, while their summed excess change and moves stay in budget."""
         V = len(self.rank)
         used_ranks, used_nodes = set(), set()
         moved = self.moved
         chosen = []
         applied = 0.0
-        for index in candidates:
+        for index, gain, change in zip(candidates, gains, changes):
             v, u = divmod(int(index), V)
             ra, rb = int(self.rank[v]), int(self.rank[u])
             if ra in used_ranks or rb in used_ranks:
@@ -362,18 +417,18 @@ class LayerSearch:
             crosses = na != nb and self.node_weight
             if crosses and (na in used_nodes or nb in used_nodes):
                 continue
-            if change[v, u] > room + self.tolerance:
+            if change > room + self.tolerance:
                 continue
             if moves is not None:
                 if moved + moves[v, u] > self.max_moved:
                     continue
                 moved += moves[v, u]
-            room -= change[v, u]
+            room -= change
             used_ranks.update((ra, rb))
             if crosses:
                 used_nodes.update((na, nb))
             chosen.append((v, u))
-            applied += gain[v, u]
+            applied += gain
         for v, u in chosen:
             self.swap(v, u)
         return applied

@@ -207,12 +207,19 @@ def solve_training_layer(items: LayerItems, rank_nodes: np.ndarray, slots_per_ra
 
 def warm_training_layer(items: LayerItems, search_from, rank_nodes: np.ndarray, slots_per_rank: int,
                         deadline: Optional[float], seed: int) -> np.ndarray:
-    """Re-place a layer moving few items: the better of (a) improving swaps from the previous
-    placement and (b) a fresh solution relabelled to overlap the previous one most, brought
-    back within the move budget, then improved."""
+    """Re-place a layer moving few items: the best of (a) improving swaps from the previous
+    placement, (b) the same after moving the most misplaced items in one assignment, and (c) a
+    fresh solution relabelled to overlap the previous one most, brought back within the move
+    budget, then improved."""
     from_home = search_from(items.home)
     from_home.repair()
     from_home.improve(deadline)
+    cycled = search_from(items.home)
+    cycled.reassign_most_misplaced(cycled.max_moved)
+    if cycled.repair():
+        cycled.improve(deadline)
+        if cycled.moved <= cycled.max_moved and cycled.cost() < from_home.cost():
+            from_home = cycled
     fresh = LayerItems(items.experts, items.loads, items.ranks, None, items.coactivation,
                        items.threshold, items.excess_budget, items.noise)
     fresh_ranks = solve_training_layer(fresh, rank_nodes, slots_per_rank, deadline, None, seed)
