@@ -19,7 +19,7 @@ import torch
 
 from folding.errors import FoldingError
 from folding.recipe import ModelArch
-from folding.weights import full_param_shapes, shard, unshard
+from folding.weights import full_param_shapes
 
 FILES = ("model.pt", "optimizer.pt", "meta.json")
 
@@ -34,20 +34,13 @@ def save(directory: str, trainer, meta: Dict) -> None:
     """Collective: every rank calls it; rank 0 writes the files."""
     import torch.distributed as dist
 
-    local = {"params": trainer.param_shard(), "optimizer": trainer.optimizer_shard()}
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, local)
+    state = trainer.full_state()
     if dist.get_rank() == 0:
-        arch, spec = trainer.arch, trainer.spec
-        model = unshard([g["params"] for g in gathered], arch, spec)
-        optimizer = {field: unshard([g["optimizer"][field] for g in gathered], arch, spec)
-                     for field in ("exp_avg", "exp_avg_sq")}
-        optimizer["step"] = trainer.adam_step()
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / "model.pt", lambda p: torch.save(model, p))
-        _atomic_write(out / "optimizer.pt", lambda p: torch.save(optimizer, p))
-        meta = dict(meta, scheduler=trainer.scheduler.state_dict(), step=trainer.steps_done)
+        _atomic_write(out / "model.pt", lambda p: torch.save(state["model"], p))
+        _atomic_write(out / "optimizer.pt", lambda p: torch.save(state["optimizer"], p))
+        meta = dict(meta, scheduler=state["scheduler"], step=state["step"])
         _atomic_write(out / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
     dist.barrier()
 
@@ -79,12 +72,8 @@ def read(directory: str, arch: ModelArch) -> Dict:
 
 def restore(trainer, checkpoint: Dict) -> None:
     """Load optimizer moments, step counts and scheduler into a trainer built from the model."""
-    arch, spec, rank = trainer.arch, trainer.spec, trainer.rank
-    local = {field: shard(checkpoint["optimizer"][field], arch, spec, rank)
-             for field in ("exp_avg", "exp_avg_sq")}
-    trainer.load_optimizer_shard(local, adam_step=checkpoint["optimizer"]["step"])
-    trainer.scheduler.load_state_dict(checkpoint["meta"]["scheduler"])
-    trainer.steps_done = int(checkpoint["meta"]["step"])
+    trainer.restore({"optimizer": checkpoint["optimizer"], "scheduler": checkpoint["meta"]["scheduler"],
+                     "step": checkpoint["meta"]["step"]})
 
 
 def saved_step(directory: str) -> Optional[int]:

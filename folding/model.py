@@ -19,7 +19,7 @@ from folding.errors import FoldingError
 from folding.mesh import FoldingSpec
 from folding.recipe import ModelArch, TrainingSetup
 
-DISPATCHERS = ("allgather", "alltoall")
+DISPATCHERS = ("allgather", "alltoall", "folded")
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class MoERouting:
     """How tokens reach experts: the dispatcher and the token-dropping mode."""
 
     dispatcher: str = "alltoall"
-    """Megatron's allgather or alltoall token dispatcher."""
+    """Megatron's allgather or alltoall token dispatcher, or this project's folded one."""
     capacity_factor: Optional[float] = None
     """Capacity per expert as a multiple of the even share; None means dropless."""
     drop_policy: str = "probs"
@@ -78,7 +78,8 @@ def transformer_config(arch: ModelArch, training: TrainingSetup, spec: FoldingSp
         raise FoldingError("multi-latent attention models are not built by this module")
     dtype = _dtype(training.precision)
     on_cpu = not torch.cuda.is_available()
-    megatron_dispatcher = routing.dispatcher
+    # The folded MoE layer replaces the dispatcher Megatron builds; alltoall is built meanwhile.
+    megatron_dispatcher = "alltoall" if routing.dispatcher == "folded" else routing.dispatcher
     moe = {}
     if arch.num_experts:
         moe = dict(
@@ -135,27 +136,66 @@ def transformer_config(arch: ModelArch, training: TrainingSetup, spec: FoldingSp
     )
 
 
-def gpt_layer_spec(arch: ModelArch, use_te: Optional[bool] = None):
-    """Megatron's own GPT layer spec: Transformer Engine's where TE runs, else the local one."""
+def gpt_layer_spec(arch: ModelArch, use_te: Optional[bool] = None, folded: bool = False):
+    """Megatron's own GPT layer spec: Transformer Engine's where TE runs, else the local one.
+
+    The folded dispatcher needs one module per local expert (SequentialMLP), so it asks for the
+    spec without grouped GEMM.
+    """
     from megatron.core.models.gpt import gpt_layer_specs
 
+    if arch.num_experts and any(flag == 0 for flag in arch.moe_layer_pattern()):
+        raise FoldingError("models that mix dense and MoE layers are not built on this path yet; "
+                           "use moe_layer_freq: 1")
     use_te = have_transformer_engine() if use_te is None else use_te
     if use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
-            num_experts=arch.num_experts, moe_grouped_gemm=True, qk_layernorm=arch.qk_layernorm)
+            num_experts=arch.num_experts, moe_grouped_gemm=not folded,
+            qk_layernorm=arch.qk_layernorm)
     return gpt_layer_specs.get_gpt_layer_local_spec(
         num_experts=arch.num_experts, moe_grouped_gemm=False, qk_layernorm=arch.qk_layernorm,
         normalization=arch.normalization)
 
 
+def identity_placement(arch: ModelArch, spec: FoldingSpec):
+    """Megatron's contiguous expert layout as a placement."""
+    from folding.placement.placement import Placement
+
+    return Placement.identity(arch.num_experts, sum(arch.moe_layer_pattern()), spec.ep,
+                              spec.gpus_per_node)
+
+
+def check_placement(placement, arch: ModelArch, spec: FoldingSpec) -> None:
+    """Refuse a placement that does not fit the model and folding, naming the problem."""
+    placement.validate(num_experts=arch.num_experts, num_layers=sum(arch.moe_layer_pattern()),
+                       ep_size=spec.ep)
+
+
 def build_model_chunks(arch: ModelArch, training: TrainingSetup, spec: FoldingSpec,
-                       routing: Optional[MoERouting] = None, config=None) -> List[torch.nn.Module]:
-    """This rank's GPTModel chunks: one per virtual pipeline stage (one without VPP)."""
+                       routing: Optional[MoERouting] = None, config=None,
+                       placement=None) -> List[torch.nn.Module]:
+    """This rank's GPTModel chunks: one per virtual pipeline stage (one without VPP).
+
+    With the folded dispatcher, experts follow ``placement`` (Megatron's contiguous layout
+    when None).
+    """
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt.gpt_model import GPTModel
 
+    routing = routing or MoERouting.from_training(training)
     config = config or transformer_config(arch, training, spec, routing)
-    layer_spec = gpt_layer_spec(arch)
+    folded = routing.dispatcher == "folded"
+    layer_spec = gpt_layer_spec(arch, folded=folded)
+    if folded:
+        from folding.dispatcher.moe_layer import folded_layer_spec
+
+        placement = placement if placement is not None else identity_placement(arch, spec)
+        check_placement(placement, arch, spec)
+        pattern = arch.moe_layer_pattern()
+        ordinal = {layer + 1: sum(pattern[:layer]) for layer in range(arch.num_layers) if pattern[layer]}
+        layer_spec = folded_layer_spec(layer_spec, placement, ordinal, spec.gpus_per_node)
+    elif placement is not None:
+        raise FoldingError("a placement needs the folded dispatcher (--dispatcher folded)")
     chunks = []
     for vp_stage in range(spec.vpp or 1):
         stage = vp_stage if spec.vpp else None

@@ -18,10 +18,11 @@ import torch
 
 from folding.errors import FoldingError
 from folding.mesh import FoldingSpec
-from folding.model import (MoERouting, build_model_chunks, build_optimizer, transformer_config,
-                           wrap_ddp)
+from folding.model import (MoERouting, build_model_chunks, build_optimizer, identity_placement,
+                           transformer_config, wrap_ddp)
 from folding.recipe import ModelArch, TrainingSetup
-from folding.weights import ShardKey, full_param_shapes, named_parameters_of_chunks, shard
+from folding.weights import (ShardKey, full_param_shapes, named_parameters_of_chunks, shard,
+                             unshard)
 
 
 def init_full_weights(arch: ModelArch, std: float, seed: int) -> Dict[str, torch.Tensor]:
@@ -72,7 +73,7 @@ class RankTrainer:
 
     def __init__(self, arch: ModelArch, training: TrainingSetup, spec: FoldingSpec,
                  routing: Optional[MoERouting] = None,
-                 full_weights: Optional[Dict[str, torch.Tensor]] = None):
+                 full_weights: Optional[Dict[str, torch.Tensor]] = None, placement=None):
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import finalize_model_grads
@@ -91,10 +92,13 @@ class RankTrainer:
             initialize(spec)
         model_parallel_cuda_manual_seed(training.seed)
         self.config = transformer_config(arch, training, spec, self.routing)
-        self.chunks = build_model_chunks(arch, training, spec, self.routing, self.config)
+        if self.routing.dispatcher == "folded" and placement is None:
+            placement = identity_placement(arch, spec)
+        self.placement = placement
+        self.chunks = build_model_chunks(arch, training, spec, self.routing, self.config, placement)
         if full_weights is None:
             full_weights = init_full_weights(arch, training.init_method_std, training.seed)
-        self.load_params(shard(full_weights, arch, spec, self.rank))
+        self.load_params(shard(full_weights, arch, spec, self.rank, placement))
         self.ddp = wrap_ddp(self.chunks, training.use_distributed_optimizer)
         self.optimizer = build_optimizer(self.ddp, training)
         self.scheduler = OptimizerParamScheduler(
@@ -105,12 +109,23 @@ class RankTrainer:
             lr_decay_style=training.lr_decay_style, start_wd=training.weight_decay,
             end_wd=training.weight_decay, wd_incr_steps=max(training.train_iters, 1),
             wd_incr_style="constant")
-        self.config.finalize_model_grads_func = finalize_model_grads
+        self.config.finalize_model_grads_func = self._finalize_grads
+        self._megatron_finalize = finalize_model_grads
         self.config.grad_scale_func = self.optimizer.scale_loss
         self.config.no_sync_func = ([d.no_sync for d in self.ddp] if len(self.ddp) > 1
                                     else self.ddp[0].no_sync)
         self.params = named_parameters_of_chunks(self.chunks)
         self.steps_done = 0
+        self.traffic_steps: List[List[dict]] = []
+
+    def _finalize_grads(self, *args, **kwargs):
+        """Megatron's gradient reductions, then the sum over the replicas of each expert."""
+        result = self._megatron_finalize(*args, **kwargs)
+        if self.placement is not None:
+            from folding.dispatcher.moe_layer import sum_replica_gradients
+
+            sum_replica_gradients(self.chunks)
+        return result
 
     # --------------------------------------------------------------------------- state
     def load_params(self, local: Dict[ShardKey, torch.Tensor]) -> None:
@@ -167,9 +182,65 @@ class RankTrainer:
             # Adam keeps its step count as a float tensor; restore it in the same form.
             state["step"] = torch.tensor(float(adam_step))
 
-    def traffic_report(self):
-        """What the token dispatchers moved, when they count it (None for Megatron's)."""
-        return None
+    def _dispatchers(self):
+        from folding.dispatcher.moe_layer import folded_moe_layers
+
+        return [(layer.layer_number, layer.token_dispatcher)
+                for layer in folded_moe_layers(self.chunks)]
+
+    def traffic_report(self) -> Optional[List[dict]]:
+        """What the folded dispatchers moved, per step and MoE layer, over all ranks (a
+        collective: every rank calls it). None with Megatron's dispatchers."""
+        import torch.distributed as dist
+
+        from folding.dispatcher.counters import combine_ranks
+
+        if self.routing.dispatcher != "folded":
+            return None
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, self.traffic_steps)
+        report = []
+        for step in range(len(self.traffic_steps)):
+            layers = sorted({layer for rank in gathered for layer in rank[step]})
+            report.append({layer: combine_ranks([rank[step][layer] for rank in gathered
+                                                 if layer in rank[step]])
+                           for layer in layers})
+        return report
+
+    def full_state(self) -> Dict:
+        """The full model and Adam moments, rebuilt from every rank (a collective)."""
+        import torch.distributed as dist
+
+        local = {"params": self.param_shard(), "optimizer": self.optimizer_shard()}
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local)
+        model = unshard([g["params"] for g in gathered], self.arch, self.spec,
+                        placement=self.placement)
+        optimizer = {field: unshard([g["optimizer"][field] for g in gathered], self.arch,
+                                    self.spec, placement=self.placement)
+                     for field in ("exp_avg", "exp_avg_sq")}
+        optimizer["step"] = self.adam_step()
+        return {"model": model, "optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
+                "step": self.steps_done}
+
+    def restore(self, state: Dict) -> None:
+        """Load Adam moments, step counts and scheduler of a full state into this trainer."""
+        local = {field: shard(state["optimizer"][field], self.arch, self.spec, self.rank,
+                              self.placement)
+                 for field in ("exp_avg", "exp_avg_sq")}
+        self.load_optimizer_shard(local, adam_step=state["optimizer"]["step"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.steps_done = int(state["step"])
+
+    def with_placement(self, placement) -> "RankTrainer":
+        """The same model and optimizer state with experts moved to another placement (a
+        collective). Returns a new trainer; this one must not be stepped again."""
+        state = self.full_state()
+        other = RankTrainer(self.arch, self.training, self.spec, self.routing,
+                            full_weights=state["model"], placement=placement)
+        other.restore(state)
+        other.traffic_steps = self.traffic_steps
+        return other
 
     # --------------------------------------------------------------------------- steps
     def step(self, micro_batches: List[Dict[str, torch.Tensor]], keep_grads: bool = False) -> StepResult:
@@ -179,6 +250,9 @@ class RankTrainer:
         for d in self.ddp:
             d.zero_grad_buffer()
         self.optimizer.zero_grad()
+        dispatchers = self._dispatchers() if self.routing.dispatcher == "folded" else []
+        for _, dispatcher in dispatchers:
+            dispatcher.counters.reset()
         iterators = ([iter(micro_batches) for _ in self.ddp] if len(self.ddp) > 1
                      else iter(micro_batches))
         seq_length = micro_batches[0]["tokens"].shape[1]
@@ -188,6 +262,8 @@ class RankTrainer:
             num_microbatches=len(micro_batches), seq_length=seq_length,
             micro_batch_size=micro_batches[0]["tokens"].shape[0], forward_only=False)
         grads = self.grad_shard() if keep_grads else None
+        if dispatchers:
+            self.traffic_steps.append({layer: d.counters.summary() for layer, d in dispatchers})
         _, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         self.steps_done += 1

@@ -51,6 +51,8 @@ class VerifyCase:
     seed: int = 1234
     fault: Optional[str] = None
     """Break the folded run on purpose (one of FAULTS), to show the checker fails."""
+    placement: Optional[str] = None
+    """Placement file for the folded dispatcher (None: Megatron's contiguous experts)."""
 
     def __post_init__(self):
         if self.fault is not None and self.fault not in FAULTS:
@@ -60,6 +62,8 @@ class VerifyCase:
         if self.spec.cp > 1 and not torch.cuda.is_available():
             raise FoldingError("CP>1 needs Transformer Engine's context-parallel attention, which "
                                "runs only on GPUs; on CPU verify CP=1 foldings")
+        if self.placement is not None and self.routing.dispatcher != "folded":
+            raise FoldingError("--placement needs --dispatcher folded")
         if self.seq_len % (self.spec.tp * self.spec.cp):
             raise FoldingError(f"seq-len={self.seq_len} is not divisible by TP x CP = "
                                f"{self.spec.tp * self.spec.cp}")
@@ -75,6 +79,17 @@ class VerifyCase:
     @property
     def global_sequences(self) -> int:
         return self.spec.dp * self.micro_batches * self.micro_batch_size
+
+    def load_placement(self):
+        """The placement, checked against the model and folding before anything runs."""
+        if self.placement is None:
+            return None
+        from folding.model import check_placement
+        from folding.placement.placement import Placement
+
+        placement = Placement.load(self.placement)
+        check_placement(placement, self.load_recipe().model, self.spec)
+        return placement
 
     def reference_spec(self) -> FoldingSpec:
         return FoldingSpec(world_size=1, gpus_per_node=1)
@@ -127,7 +142,8 @@ class VerifyReport:
         folding.update(dispatcher=self.case.routing.dispatcher,
                        capacity_factor=self.case.routing.capacity_factor,
                        drop_policy=self.case.routing.drop_policy,
-                       pad_to_capacity=self.case.routing.pad_to_capacity)
+                       pad_to_capacity=self.case.routing.pad_to_capacity,
+                       placement=self.case.placement)
         out = {"folding": folding, "steps": len(self.steps),
                "max_loss_rel_diff": self.max_loss_rel_diff,
                "max_grad_rel_diff": self.max_grad_rel_diff,
@@ -185,18 +201,21 @@ def _token_groups(spec: FoldingSpec) -> int:
     return (spec.tp if spec.sequence_parallel else 1) * spec.cp
 
 
-def _error_sums(local: Dict, reference_full: Dict, arch, spec: FoldingSpec, rank: int):
-    """{(full name, slice index): (||a-b||^2, ||b||^2)} for this rank's shard."""
+def _error_sums(local: Dict, reference_full: Dict, arch, spec: FoldingSpec, rank: int,
+                placement=None):
+    """{(full name, slice index): (||a-b||^2, ||b||^2)} for this rank's shard; of several copies
+    of a slice on the rank (replica slots), the worst."""
     from folding.weights import _split_index, local_to_full_name, param_rule, slice_for
 
     out = {}
     for (vp_stage, name), tensor in local.items():
-        full_name = local_to_full_name(name, arch, spec, rank, vp_stage)
+        full_name = local_to_full_name(name, arch, spec, rank, vp_stage, placement)
         rule = param_rule(full_name, arch.swiglu)
         index, parts = _split_index(rule, spec, rank)
         expected = slice_for(reference_full[full_name], rule, index, parts)
         diff = (tensor.double() - expected.double()).pow(2).sum().item()
-        out[(full_name, index)] = (diff, expected.double().pow(2).sum().item())
+        if diff >= out.get((full_name, index), (-1.0, 0.0))[0]:
+            out[(full_name, index)] = (diff, expected.double().pow(2).sum().item())
     return out
 
 
@@ -237,7 +256,8 @@ def _folded_case(rank: int, case: VerifyCase, reference_path: str):
     routing = case.routing
     if case.fault == "halve-capacity" and routing.capacity_factor is not None:
         routing = dataclasses.replace(routing, capacity_factor=routing.capacity_factor / 2)
-    trainer = RankTrainer(recipe.model, recipe.training, case.spec, routing)
+    placement = case.load_placement()
+    trainer = RankTrainer(recipe.model, recipe.training, case.spec, routing, placement=placement)
     _break(trainer, case.fault)
     corpus = ByteCorpus(recipe.training.data)
     reference = reference["steps"]
@@ -247,12 +267,12 @@ def _folded_case(rank: int, case: VerifyCase, reference_path: str):
         result = trainer.step(_micro_batches_for(case, case.spec, rank, step, corpus), keep_grads=True)
         steps.append({"loss": result.loss,
                       "grads": _error_sums(result.grads, reference[step]["grads"], recipe.model,
-                                           case.spec, rank),
+                                           case.spec, rank, placement),
                       "params": _error_sums(trainer.param_shard(), reference[step]["params"],
-                                            recipe.model, case.spec, rank),
-                      "traffic": trainer.traffic_report()})
+                                            recipe.model, case.spec, rank, placement)})
     decisions.uninstall()
-    return {"steps": steps, "drops": decisions.check}
+    traffic = trainer.traffic_report()
+    return {"steps": steps, "drops": decisions.check, "traffic": traffic}
 
 
 def _relative_by_tensor(per_rank: List[Dict]) -> Dict[str, float]:
@@ -320,5 +340,4 @@ def _report(case: VerifyCase, reference: list, results: list) -> VerifyReport:
             loss_rel_diff=abs(folded_loss - ref_loss) / abs(ref_loss),
             grad_rel_diff=_relative_by_tensor([r[step]["grads"] for r in ranks]),
             param_rel_diff=_relative_by_tensor([r[step]["params"] for r in ranks])))
-    traffic = [r[-1]["traffic"] for r in ranks] if ranks[0][-1]["traffic"] is not None else None
-    return VerifyReport(case, comparisons, drops, traffic)
+    return VerifyReport(case, comparisons, drops, results[0]["traffic"])

@@ -102,46 +102,56 @@ def chunk_layers(arch: ModelArch, spec: FoldingSpec, pp_rank: int, vp_stage: int
     return range(first, first + per)
 
 
-def _expert_name(rest: str, expert_offset: int, to_global: bool, experts_per_rank: int) -> Optional[str]:
-    """Translate the expert index inside ``rest``; None if the expert is not on this EP rank."""
+def slot_experts(arch: ModelArch, global_layer: int, placement=None) -> List[int]:
+    """The logical expert of every slot of a MoE layer: the placement's row for it, or
+    Megatron's contiguous layout (slot s holds expert s) without a placement."""
+    if placement is None:
+        return list(range(arch.num_experts or 0))
+    ordinal = sum(arch.moe_layer_pattern()[:global_layer])
+    return [int(e) for e in placement.layers[ordinal]]
+
+
+def slots_per_rank(arch: ModelArch, spec: FoldingSpec, placement=None) -> int:
+    return placement.slots_per_rank if placement is not None else (arch.num_experts or 1) // spec.ep
+
+
+def _expert_index(rest: str):
+    """(slot index, name with another index) of an expert parameter; None for the others."""
     m = _SEQUENTIAL_EXPERT.match(rest)
     if m:
-        idx, leaf, fmt = int(m.group(1)), m.group(2), "mlp.experts.local_experts.{}.{}"
-    else:
-        m = _GROUPED_EXPERT.match(rest)
-        if not m:
-            return rest
-        idx, leaf = int(m.group(3)), None
-        fmt = "mlp.experts.{}.{}{{}}".format(m.group(1), m.group(2))
-    if to_global:
-        new = idx + expert_offset
-    else:
-        if not expert_offset <= idx < expert_offset + experts_per_rank:
-            return None
-        new = idx - expert_offset
-    return fmt.format(new, leaf) if leaf is not None else fmt.format(new)
+        return int(m.group(1)), lambda i: f"mlp.experts.local_experts.{i}.{m.group(2)}"
+    m = _GROUPED_EXPERT.match(rest)
+    if m:
+        return int(m.group(3)), lambda i: f"mlp.experts.{m.group(1)}.{m.group(2)}{i}"
+    return None
 
 
-def local_to_full_name(local: str, arch: ModelArch, spec: FoldingSpec, rank: int, vp_stage: int) -> str:
+def local_to_full_name(local: str, arch: ModelArch, spec: FoldingSpec, rank: int, vp_stage: int,
+                       placement=None) -> str:
     coords = spec.coordinates(rank)
     layer = _LAYER.match(local)
     if not layer:
         return local
     global_layer = chunk_layers(arch, spec, coords["attention"]["pp"], vp_stage)[int(layer.group(1))]
-    per_rank = (arch.num_experts or 1) // spec.ep
-    rest = _expert_name(layer.group(2), coords["moe"]["ep"] * per_rank, True, per_rank)
+    rest = layer.group(2)
+    expert = _expert_index(rest)
+    if expert is not None:
+        slot = coords["moe"]["ep"] * slots_per_rank(arch, spec, placement) + expert[0]
+        rest = expert[1](slot_experts(arch, global_layer, placement)[slot])
     return f"decoder.layers.{global_layer}.{rest}"
 
 
-def full_to_local_name(full: str, arch: ModelArch, spec: FoldingSpec, rank: int) -> Optional[ShardKey]:
-    """(vp_stage, local name) of a full parameter on ``rank``, or None if the rank lacks it."""
+def full_to_local_names(full: str, arch: ModelArch, spec: FoldingSpec, rank: int,
+                        placement=None) -> List[ShardKey]:
+    """Every (vp_stage, local name) under which ``rank`` holds a full parameter: none, one, or
+    one per slot of the rank that holds the expert."""
     coords = spec.coordinates(rank)
     pp_rank, last_pp = coords["attention"]["pp"], spec.pp - 1
     vpp = spec.vpp or 1
     if full.startswith("embedding."):
-        return (0, full) if pp_rank == 0 else None
+        return [(0, full)] if pp_rank == 0 else []
     if full.startswith("output_layer.") or full.startswith("decoder.final_layernorm."):
-        return (vpp - 1, full) if pp_rank == last_pp else None
+        return [(vpp - 1, full)] if pp_rank == last_pp else []
     layer = _LAYER.match(full)
     if not layer:
         raise FoldingError(f"parameter {full!r} has no known place in the weight layout")
@@ -149,12 +159,16 @@ def full_to_local_name(full: str, arch: ModelArch, spec: FoldingSpec, rank: int)
     chunk, local_layer = divmod(global_layer, per)
     vp_stage, owner_pp = divmod(chunk, spec.pp)
     if owner_pp != pp_rank:
-        return None
-    per_rank = (arch.num_experts or 1) // spec.ep
-    rest = _expert_name(layer.group(2), coords["moe"]["ep"] * per_rank, False, per_rank)
-    if rest is None:
-        return None
-    return vp_stage, f"decoder.layers.{local_layer}.{rest}"
+        return []
+    rest = layer.group(2)
+    expert = _expert_index(rest)
+    if expert is None:
+        return [(vp_stage, f"decoder.layers.{local_layer}.{rest}")]
+    per_rank = slots_per_rank(arch, spec, placement)
+    first = coords["moe"]["ep"] * per_rank
+    mine = slot_experts(arch, global_layer, placement)[first:first + per_rank]
+    return [(vp_stage, f"decoder.layers.{local_layer}.{expert[1](j)}")
+            for j, e in enumerate(mine) if e == expert[0]]
 
 
 # ------------------------------------------------------------------------------- slicing
@@ -195,24 +209,27 @@ def join_slices(slices: List[torch.Tensor], rule: ParamRule) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------- whole models
 def shard(full: Dict[str, torch.Tensor], arch: ModelArch, spec: FoldingSpec,
-          rank: int) -> Dict[ShardKey, torch.Tensor]:
-    """What ``rank`` holds of a full state dict: {(vp_stage, local name): tensor}."""
+          rank: int, placement=None) -> Dict[ShardKey, torch.Tensor]:
+    """What ``rank`` holds of a full state dict: {(vp_stage, local name): tensor}; an expert
+    with several slots on the rank is copied into each."""
     out = {}
     for name, tensor in full.items():
-        key = full_to_local_name(name, arch, spec, rank)
-        if key is None:
+        keys = full_to_local_names(name, arch, spec, rank, placement)
+        if not keys:
             continue
         rule = param_rule(name, arch.swiglu)
-        out[key] = slice_for(tensor, rule, *_split_index(rule, spec, rank))
+        piece = slice_for(tensor, rule, *_split_index(rule, spec, rank))
+        for key in keys:
+            out[key] = piece
     return out
 
 
 def unshard(shards: List[Dict[ShardKey, torch.Tensor]], arch: ModelArch, spec: FoldingSpec,
-            check_replicas: bool = True) -> Dict[str, torch.Tensor]:
+            check_replicas: bool = True, placement=None) -> Dict[str, torch.Tensor]:
     """Rebuild the full state dict from every rank's shard (``shards[rank]``).
 
-    With ``check_replicas``, copies of the same slice on different ranks (DP, EDP, TP for
-    replicated parameters) must be bit-identical, or FoldingError names the first that is not.
+    With ``check_replicas``, copies of the same slice (on DP, EDP or TP ranks, or in replica
+    slots of an expert) must be bit-identical, or FoldingError names the first that is not.
     """
     if len(shards) != spec.world_size:
         raise FoldingError(f"unshard needs {spec.world_size} shards, got {len(shards)}")
@@ -221,7 +238,7 @@ def unshard(shards: List[Dict[ShardKey, torch.Tensor]], arch: ModelArch, spec: F
     parts_of: Dict[str, int] = {}
     for rank, local in enumerate(shards):
         for (vp_stage, local_name), tensor in local.items():
-            name = local_to_full_name(local_name, arch, spec, rank, vp_stage)
+            name = local_to_full_name(local_name, arch, spec, rank, vp_stage, placement)
             rule = param_rule(name, arch.swiglu)
             index, parts = _split_index(rule, spec, rank)
             parts_of[name] = parts

@@ -8,7 +8,7 @@ import torch
 from folding.errors import FoldingError
 from folding.mesh import FoldingSpec
 from folding.recipe import load_recipe
-from folding.weights import (full_param_shapes, full_to_local_name, join_slices, local_to_full_name,
+from folding.weights import (full_param_shapes, full_to_local_names, join_slices, local_to_full_name,
                              param_rule, shard, slice_for, unshard)
 
 ARCH = load_recipe("tiny-moe").model  # 4 layers, 8 experts, 8 heads, 4 query groups, SwiGLU
@@ -94,13 +94,13 @@ def test_names_follow_ep_ownership_and_interleaved_stages():
     spec = FoldingSpec(world_size=8, tp=1, pp=2, vpp=2, ep=4, num_experts=8, num_layers=4)
     # Rank 5: PP stage 1, EP rank 1 (ranks 4..7 form stage 1's EP group): experts 2 and 3.
     name = "decoder.layers.3.mlp.experts.local_experts.3.linear_fc1.weight"
-    assert full_to_local_name(name, ARCH, spec, 5) == (1, "decoder.layers.0.mlp.experts.local_experts.1.linear_fc1.weight")
-    assert full_to_local_name(name, ARCH, spec, 4) is None  # EP rank 0 holds experts 0 and 1
-    assert full_to_local_name(name, ARCH, spec, 1) is None  # stage 0 holds layers 0 and 2
+    assert full_to_local_names(name, ARCH, spec, 5) == [(1, "decoder.layers.0.mlp.experts.local_experts.1.linear_fc1.weight")]
+    assert full_to_local_names(name, ARCH, spec, 4) == []  # EP rank 0 holds experts 0 and 1
+    assert full_to_local_names(name, ARCH, spec, 1) == []  # stage 0 holds layers 0 and 2
     assert local_to_full_name("decoder.layers.0.mlp.experts.local_experts.1.linear_fc1.weight",
                               ARCH, spec, 5, 1) == name
-    assert full_to_local_name("output_layer.weight", ARCH, spec, 5) == (1, "output_layer.weight")
-    assert full_to_local_name("embedding.word_embeddings.weight", ARCH, spec, 5) is None
+    assert full_to_local_names("output_layer.weight", ARCH, spec, 5) == [(1, "output_layer.weight")]
+    assert full_to_local_names("embedding.word_embeddings.weight", ARCH, spec, 5) == []
 
 
 def test_unshard_catches_a_diverged_replica_and_a_missing_slice():

@@ -1,0 +1,143 @@
+"""Pure routing arithmetic of the folded dispatcher: which replica serves each (token, expert)
+pair, and what one rank sends to each other rank. No communication, no autograd needed.
+
+Notation: T local tokens, E logical experts, P ranks in the EP group, S slots per rank; slot s
+lives on EP rank s // S and holds logical expert ``slot_expert[s]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List
+
+import torch
+
+
+@dataclass(frozen=True)
+class SlotMap:
+    """One MoE layer's placement, as tensors."""
+
+    slot_expert: torch.Tensor
+    """int64 [P*S]: the logical expert of every slot."""
+    slots_per_rank: int
+    rank_node: torch.Tensor
+    """int64 [P]: the node of every EP rank."""
+
+    @property
+    def num_ranks(self) -> int:
+        return self.slot_expert.numel() // self.slots_per_rank
+
+    @property
+    def slot_rank(self) -> torch.Tensor:
+        return torch.arange(self.slot_expert.numel()) // self.slots_per_rank
+
+    def replicas(self, num_experts: int) -> List[torch.Tensor]:
+        """Slots of every logical expert, in slot order."""
+        return [torch.nonzero(self.slot_expert == e).flatten() for e in range(num_experts)]
+
+
+def _greedy_least_loaded(loads: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices into ``loads`` for ``count`` items given one at a time to the least-loaded
+    candidate (ties: the lower index), exactly as the sequential greedy rule would.
+
+    Candidate i receives its k-th item when its level is loads[i] + k; sorting the (level, i)
+    keys of every item any candidate can receive gives the order of the greedy choices.
+    """
+    if count == 0:
+        return torch.empty(0, dtype=torch.long)
+    candidates = loads.numel()
+    levels = loads.view(-1, 1) + torch.arange(count).view(1, -1)  # [m, count]
+    keys = levels * candidates + torch.arange(candidates).view(-1, 1)
+    order = torch.argsort(keys.flatten())[:count]
+    return order // count
+
+
+def choose_replicas(routing_map: torch.Tensor, slots: SlotMap, own_rank: int) -> torch.Tensor:
+    """The slot that serves each routed (token, expert) pair; -1 where not routed.
+
+    Replica rule, deterministic: a replica on a rank the token is already being sent to (for
+    its other experts), else one on the token's own rank, else one on its own node, else the
+    replica least loaded in this batch so far. Experts with one replica are fixed first;
+    replicated experts are resolved in expert order, tokens in token order.
+    """
+    tokens, experts = routing_map.shape
+    chosen = torch.full((tokens, experts), -1, dtype=torch.long)
+    slot_rank = slots.slot_rank
+    replicas = slots.replicas(experts)
+    sending = torch.zeros(tokens, slots.num_ranks, dtype=torch.bool)
+    load = torch.zeros(slots.slot_expert.numel(), dtype=torch.long)
+    replicated = []
+    for e, where in enumerate(replicas):
+        if where.numel() == 1:
+            routed = routing_map[:, e]
+            chosen[routed, e] = where[0]
+            sending[routed, slot_rank[where[0]]] = True
+            load[where[0]] += int(routed.sum())
+        else:
+            replicated.append(e)
+    own_node = slots.rank_node[own_rank]
+    for e in replicated:
+        where = replicas[e]
+        ranks = slot_rank[where]
+        routed = torch.nonzero(routing_map[:, e]).flatten()
+        if routed.numel() == 0:
+            continue
+        pick = torch.full((routed.numel(),), -1, dtype=torch.long)
+        preferences = (sending[routed][:, ranks],                                  # already sent to
+                       (ranks == own_rank).expand(routed.numel(), -1),            # own rank
+                       (slots.rank_node[ranks] == own_node).expand(routed.numel(), -1))  # own node
+        for allowed in preferences:
+            open_ = (pick < 0) & allowed.any(dim=1)
+            # The first allowed replica in slot order.
+            pick[open_] = allowed[open_].int().argmax(dim=1)
+        rest = torch.nonzero(pick < 0).flatten()
+        if rest.numel():
+            # Loads of the resolved picks count before the least-loaded choice is made.
+            resolved = pick[pick >= 0]
+            base = load[where] + torch.bincount(resolved, minlength=where.numel())
+            pick[rest] = _greedy_least_loaded(base, rest.numel())
+        slot = where[pick]
+        chosen[routed, e] = slot
+        sending[routed, slot_rank[slot]] = True
+        load.index_add_(0, slot, torch.ones_like(slot))
+    return chosen
+
+
+@dataclass
+class SendPlan:
+    """What one rank sends: one row per (token, destination rank), grouped by destination."""
+
+    row_token: torch.Tensor
+    """int64 [N]: the local token of each row."""
+    send_counts: torch.Tensor
+    """int64 [P]: rows for each destination rank."""
+    pair_row: torch.Tensor
+    """int64 [K]: the row of each routed (token, expert) pair."""
+    pair_local_slot: torch.Tensor
+    """int64 [K]: the destination's local slot of each pair."""
+    pair_token: torch.Tensor
+    pair_expert: torch.Tensor
+
+
+def plan_sends(chosen: torch.Tensor, slots_per_rank: int, num_ranks: int) -> SendPlan:
+    """Deduplicate: a token goes once to each distinct rank that hosts one of its chosen slots."""
+    pair_token, pair_expert = torch.nonzero(chosen >= 0, as_tuple=True)
+    slot = chosen[pair_token, pair_expert]
+    dest = slot // slots_per_rank
+    tokens = chosen.shape[0]
+    key = dest * tokens + pair_token
+    unique_keys, pair_row = torch.unique(key, sorted=True, return_inverse=True)
+    row_dest = unique_keys // tokens
+    return SendPlan(row_token=unique_keys % tokens,
+                    send_counts=torch.bincount(row_dest, minlength=num_ranks),
+                    pair_row=pair_row, pair_local_slot=slot % slots_per_rank,
+                    pair_token=pair_token, pair_expert=pair_expert)
+
+
+def expand_received(row_mask: torch.Tensor):
+    """Pairs to compute on this rank from received rows: (row, local slot) where routed, sorted
+    by local slot then row, and the number of pairs per local slot."""
+    rows, local = torch.nonzero(row_mask, as_tuple=True)
+    order = torch.argsort(local * max(row_mask.shape[0], 1) + rows)
+    rows, local = rows[order], local[order]
+    return rows, local, torch.bincount(local, minlength=row_mask.shape[1])
