@@ -13,27 +13,25 @@ from typing import List
 import torch
 
 
-@dataclass(frozen=True)
 class SlotMap:
-    """One MoE layer's placement, as tensors."""
+    """One MoE layer's placement, as tensors, with what every dispatch needs precomputed."""
 
-    slot_expert: torch.Tensor
-    """int64 [P*S]: the logical expert of every slot."""
-    slots_per_rank: int
-    rank_node: torch.Tensor
-    """int64 [P]: the node of every EP rank."""
-
-    @property
-    def num_ranks(self) -> int:
-        return self.slot_expert.numel() // self.slots_per_rank
-
-    @property
-    def slot_rank(self) -> torch.Tensor:
-        return torch.arange(self.slot_expert.numel()) // self.slots_per_rank
-
-    def replicas(self, num_experts: int) -> List[torch.Tensor]:
+    def __init__(self, slot_expert: torch.Tensor, slots_per_rank: int, rank_node: torch.Tensor):
+        self.slot_expert = slot_expert.long()
+        """int64 [P*S]: the logical expert of every slot."""
+        self.slots_per_rank = slots_per_rank
+        self.rank_node = rank_node.long()
+        """int64 [P]: the node of every EP rank."""
+        self.num_ranks = self.slot_expert.numel() // slots_per_rank
+        self.slot_rank = torch.arange(self.slot_expert.numel()) // slots_per_rank
+        experts = int(self.slot_expert.max()) + 1
+        self.replicas: List[torch.Tensor] = [torch.nonzero(self.slot_expert == e).flatten()
+                                             for e in range(experts)]
         """Slots of every logical expert, in slot order."""
-        return [torch.nonzero(self.slot_expert == e).flatten() for e in range(num_experts)]
+        self.single_slot = torch.tensor([w[0] if w.numel() == 1 else -1 for w in self.replicas],
+                                        dtype=torch.long)
+        """The slot of each expert that has exactly one, else -1."""
+        self.replicated = [e for e, w in enumerate(self.replicas) if w.numel() > 1]
 
 
 def _greedy_least_loaded(loads: torch.Tensor, count: int) -> torch.Tensor:
@@ -61,20 +59,15 @@ def choose_replicas(routing_map: torch.Tensor, slots: SlotMap, own_rank: int) ->
     replicated experts are resolved in expert order, tokens in token order.
     """
     tokens, experts = routing_map.shape
-    chosen = torch.full((tokens, experts), -1, dtype=torch.long)
     slot_rank = slots.slot_rank
-    replicas = slots.replicas(experts)
+    replicas = slots.replicas
+    single = routing_map & (slots.single_slot >= 0)
+    chosen = torch.where(single, slots.single_slot.expand(tokens, experts), -1)
     sending = torch.zeros(tokens, slots.num_ranks, dtype=torch.bool)
-    load = torch.zeros(slots.slot_expert.numel(), dtype=torch.long)
-    replicated = []
-    for e, where in enumerate(replicas):
-        if where.numel() == 1:
-            routed = routing_map[:, e]
-            chosen[routed, e] = where[0]
-            sending[routed, slot_rank[where[0]]] = True
-            load[where[0]] += int(routed.sum())
-        else:
-            replicated.append(e)
+    pair_token, pair_expert = torch.nonzero(single, as_tuple=True)
+    sending[pair_token, slot_rank[slots.single_slot[pair_expert]]] = True
+    load = torch.bincount(chosen[single], minlength=slots.slot_expert.numel())
+    replicated = slots.replicated
     own_node = slots.rank_node[own_rank]
     for e in replicated:
         where = replicas[e]

@@ -83,8 +83,11 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
         dist.all_to_all_single(recv, send, group=self.ep_group)
         self.input_splits, self.output_splits = send.tolist(), recv.tolist()
         received = all_to_all(self.ep_group, hidden_states, self.output_splits, self.input_splits)
-        received_probs = all_to_all(self.ep_group, probs, self.output_splits, self.input_splits)
-        received_mask = self._exchange_mask()
+        # Weights and the routed-pair mask travel together, in the weights' dtype (0/1 is exact).
+        payload = torch.cat([probs, self.row_mask.to(probs.dtype)], dim=1)
+        received_payload = all_to_all(self.ep_group, payload, self.output_splits, self.input_splits)
+        received_probs, received_mask = received_payload.split(self.slots_per_rank, dim=1)
+        received_mask = received_mask.detach() != 0
         if self.tp_size > 1:
             from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
@@ -100,14 +103,6 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
             received_mask = torch.cat(gathered)
         self.received_mask = received_mask
         return received, received_probs
-
-    def _exchange_mask(self) -> torch.Tensor:
-        """The routed-pair mask goes with the rows; it carries no gradient."""
-        out = torch.empty(sum(self.output_splits), self.slots_per_rank, dtype=torch.uint8,
-                          device=self.row_mask.device)
-        dist.all_to_all_single(out, self.row_mask.to(torch.uint8), self.output_splits,
-                               self.input_splits, group=self.ep_group)
-        return out.bool()
 
     def dispatch_postprocess(self, hidden_states: torch.Tensor, probs: torch.Tensor):
         rows, local, tokens_per_slot = expand_received(self.received_mask.cpu())
