@@ -34,8 +34,24 @@ class TrainOptions:
     """MoERouting fields that replace the recipe's (dispatcher, capacity_factor, ...)."""
     save: Optional[str] = None
     load: Optional[str] = None
+    placement: Optional[str] = None
+    """Expert placement file for the folded dispatcher."""
     log_interval: Optional[int] = None
     progress: bool = True
+
+    def load_placement(self, recipe: Recipe):
+        """The placement, checked against the model and folding (None without one)."""
+        if self.placement is None:
+            return None
+        from folding.model import check_placement
+        from folding.placement.placement import Placement
+
+        routing = dataclasses.replace(MoERouting.from_training(recipe.training), **self.routing)
+        if routing.dispatcher != "folded":
+            raise FoldingError("--placement needs the folded dispatcher (--dispatcher folded)")
+        placement = Placement.load(self.placement)
+        check_placement(placement, recipe.model, recipe.folding)
+        return placement
 
     def resolve(self) -> Recipe:
         recipe = load_recipe(self.recipe)
@@ -69,6 +85,7 @@ class TrainSummary:
     recipe: str
     folding: str
     world_size: int
+    gpus_per_node: int
     first_step: int
     losses: List[float]
     wall_s: float
@@ -109,7 +126,8 @@ def _train_rank(rank: int, world: int, options: TrainOptions, recipe: Recipe) ->
     routing = dataclasses.replace(MoERouting.from_training(training), **options.routing)
     loaded = checkpoint.read(options.load, recipe.model) if options.load else None
     trainer = RankTrainer(recipe.model, training, spec, routing,
-                          full_weights=loaded["model"] if loaded else None)
+                          full_weights=loaded["model"] if loaded else None,
+                          placement=options.load_placement(recipe))
     if loaded:
         checkpoint.restore(trainer, loaded)
     corpus = ByteCorpus(training.data or "folding/data/corpus.txt")
@@ -157,6 +175,7 @@ def train(options: TrainOptions, timeout_s: Optional[float] = None) -> TrainSumm
     from folding.launch import run_ranks
 
     recipe = options.resolve()
+    options.load_placement(recipe)  # a bad placement is refused before any rank starts
     if options.load:
         from folding.checkpoint import saved_step
 
@@ -169,7 +188,8 @@ def train(options: TrainOptions, timeout_s: Optional[float] = None) -> TrainSumm
     if not head["losses"]:
         raise FoldingError("nothing to train: the recipe's train_iters are done; pass --steps")
     return TrainSummary(recipe=recipe.name, folding=recipe.folding.describe(),
-                        world_size=recipe.folding.world_size, first_step=head["first_step"],
+                        world_size=recipe.folding.world_size,
+                        gpus_per_node=recipe.folding.gpus_per_node, first_step=head["first_step"],
                         losses=head["losses"], wall_s=time.perf_counter() - started,
                         train_s=head["train_s"], tokens_per_s=head["tokens_per_s"],
                         saved=options.save, traffic=head["traffic"])

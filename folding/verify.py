@@ -304,6 +304,8 @@ def verify_many(cases: List[VerifyCase], timeout_s: float = 3600,
 
     from folding.launch import run_ranks
 
+    for case in cases:
+        case.load_placement()  # a bad placement file is refused before anything is spawned
     worlds = sorted({c.spec.world_size for c in cases})
     bar = tqdm(total=1 + len(worlds), desc="verify", unit="run", disable=not progress, leave=False)
     with tempfile.TemporaryDirectory(prefix="folding-verify-") as tmp:

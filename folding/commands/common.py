@@ -55,3 +55,19 @@ def format_table(headers, rows) -> str:
     lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def traffic_text(traffic, gpus_per_node: int) -> str:
+    """Per MoE layer, what the folded dispatcher moved in the last step, summed over ranks."""
+    last = traffic[-1]
+    rows = []
+    for layer, t in sorted(last.items()):
+        rows.append([layer, t["tokens_self"], t["tokens_node"], t["tokens_remote"],
+                     f"{(t['bytes_node'] + t['bytes_remote']) / 1e6:.3f}",
+                     f"{t['bytes_remote'] / 1e6:.3f}", t["pairs_dropped"],
+                     t["max_pairs_per_rank"], f"{t['mean_pairs_per_rank']:.1f}"])
+    table = format_table(["layer", "rows to self", "to same node", "to other nodes",
+                          "MB across ranks", "MB across nodes", "pairs dropped",
+                          "max pairs/rank", "mean pairs/rank"], rows)
+    return (f"folded dispatcher traffic, last step ({len(traffic)} in all), {gpus_per_node} ranks "
+            f"per node; a row is one token sent once to one rank:\n{table}")

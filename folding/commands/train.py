@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from folding.commands.common import add_json_argument, emit_json
+from folding.commands.common import add_json_argument, emit_json, traffic_text
+from folding.errors import FoldingError
 from folding.model import DISPATCHERS
 from folding.train import TrainOptions, TrainSummary
 
@@ -24,6 +25,8 @@ def register(sub) -> None:
         p.add_argument(f"--{degree}", type=int, help=f"override the recipe's {degree.upper()}")
     p.add_argument("--gpus-per-node", type=int, help="override the recipe's ranks per node")
     p.add_argument("--dispatcher", choices=DISPATCHERS, help="override the token dispatcher")
+    p.add_argument("--placement", metavar="FILE", help="expert placement (JSON) for --dispatcher folded")
+    p.add_argument("--traffic", action="store_true", help="print what the folded dispatcher moved")
     add_json_argument(p)
     p.set_defaults(handler=run)
 
@@ -34,7 +37,7 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
     routing = {"dispatcher": args.dispatcher} if args.dispatcher else {}
     return TrainOptions(recipe=args.recipe, steps=args.steps, nproc=args.nproc, folding=folding,
                         routing=routing, save=args.save, load=args.load,
-                        log_interval=args.log_interval)
+                        log_interval=args.log_interval, placement=args.placement)
 
 
 def summary_text(s: TrainSummary) -> str:
@@ -55,8 +58,15 @@ def run(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     options.progress = True
     summary = train(options)
+    if args.traffic and summary.traffic is None:
+        raise FoldingError("--traffic counts what the folded dispatcher moves: add --dispatcher folded")
     if args.json:
-        emit_json(summary.to_json())
+        out = summary.to_json()
+        if not args.traffic:
+            out.pop("traffic", None)
+        emit_json(out)
     else:
         print(summary_text(summary))
+        if args.traffic:
+            print("\n" + traffic_text(summary.traffic, summary.gpus_per_node))
     return 0

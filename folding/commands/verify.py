@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from folding.commands.common import (add_folding_arguments, add_json_argument, emit_json,
-                                     folding_from_args, format_table)
+                                     folding_from_args, format_table, traffic_text)
+from folding.errors import FoldingError
 from folding.model import DISPATCHERS, MoERouting
 from folding.verify import FAULTS, LOSS_TOLERANCE, TENSOR_TOLERANCE, VerifyCase, VerifyReport
 
@@ -27,6 +28,8 @@ def register(sub) -> None:
     p.add_argument("--micro-batches", type=int, default=2, help="micro-batches per DP rank per step")
     p.add_argument("--micro-batch-size", type=int, default=2)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--placement", metavar="FILE", help="expert placement (JSON) for --dispatcher folded")
+    p.add_argument("--traffic", action="store_true", help="print what the folded dispatcher moved")
     p.add_argument("--inject-fault", choices=FAULTS, help="break the folded run on purpose, to see "
                                                           "the checker fail")
     add_json_argument(p)
@@ -45,7 +48,7 @@ def case_from_args(args: argparse.Namespace) -> VerifyCase:
     return VerifyCase(spec=spec, routing=routing, recipe=args.recipe, steps=args.steps,
                       seq_len=args.seq_len, micro_batches=args.micro_batches,
                       micro_batch_size=args.micro_batch_size, seed=args.seed,
-                      fault=args.inject_fault)
+                      fault=args.inject_fault, placement=args.placement)
 
 
 def report_text(report: VerifyReport) -> str:
@@ -81,8 +84,15 @@ def run(args: argparse.Namespace) -> int:
 
     case = case_from_args(args)
     report = verify(case, progress=True)
+    if args.traffic and report.traffic is None:
+        raise FoldingError("--traffic counts what the folded dispatcher moves: add --dispatcher folded")
     if args.json:
-        emit_json(report.to_json())
+        out = report.to_json()
+        if not args.traffic:
+            out.pop("traffic", None)
+        emit_json(out)
     else:
         print(report_text(report))
+        if args.traffic:
+            print("\n" + traffic_text(report.traffic, case.spec.gpus_per_node))
     return 0 if report.passed else 1

@@ -8,7 +8,7 @@
 - ExFlow-style: an equal number of experts per rank, no replicas and no load constraint,
   minimising X_gpu (cross-GPU moves of a token's top-1 expert between consecutive layers). ExFlow
   solves an integer program; here each layer is an assignment problem given its neighbours,
-  solved repeatedly (the inference solver's method with node weight 0 and no cap).
+  solved repeatedly (the inference solver's method with node weight 0 and no balance constraint).
 """
 
 from __future__ import annotations

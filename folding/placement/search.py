@@ -30,7 +30,14 @@ import numpy as np
 from scipy.special import ndtr
 
 NEGATIVE = -np.inf
+ROUND_TOLERANCE = 1e-4
+"""A round of swaps that gains less than this share of the layer's cost ends the search."""
 INV_SQRT_2PI = 1.0 / np.sqrt(2.0 * np.pi)
+
+
+def fresh_sample_spread(load, inner):
+    """Standard deviation of a rank's count on a fresh sample minus its fitted count."""
+    return np.sqrt(2.0 * np.maximum(load + 2.0 * inner, 1e-12))
 
 
 def expected_excess(load, inner, threshold: float, noise: bool = True):
@@ -40,7 +47,7 @@ def expected_excess(load, inner, threshold: float, noise: bool = True):
         return np.zeros_like(np.asarray(load, dtype=np.float64))
     if not noise:
         return np.maximum(load - threshold, 0.0)
-    spread = np.sqrt(2.0 * np.maximum(load + 2.0 * inner, 1e-12))
+    spread = fresh_sample_spread(load, inner)
     z = (load - threshold) / spread
     return spread * INV_SQRT_2PI * np.exp(-0.5 * z * z) + (load - threshold) * ndtr(z)
 
@@ -77,7 +84,7 @@ def balance_bound(item_rank: np.ndarray, item_load: np.ndarray, num_ranks: int,
     if not noise:
         ordered = np.sort(load)
         return float(ordered[-2]), float(ordered[-1])
-    spread = np.sqrt(2.0 * np.maximum(load + 2.0 * inner, 1e-12))
+    spread = fresh_sample_spread(load, inner)
     low, high = float(load.min() - 10 * spread.max()), float(load.max() + 10 * spread.max())
     for _ in range(100):
         middle = 0.5 * (low + high)
@@ -257,6 +264,9 @@ class LayerSearch:
         V = len(self.rank)
         lower = ~np.triu(np.ones((V, V), dtype=bool), 1)
         total = 0.0
+        # Rounds that gain less than this share of the cost are not worth their price on
+        # large layers; the last of them is still applied.
+        small_round = ROUND_TOLERANCE * abs(self.cost())
         for _ in range(max_rounds):
             if deadline is not None and time.perf_counter() > deadline:
                 break
@@ -292,7 +302,10 @@ class LayerSearch:
                 total += exchanged
                 continue
             order = np.argsort(-gain[candidates], kind="stable")[:4 * self.num_ranks]
-            total += self._apply_disjoint(candidates[order], gain[candidates[order]], change[order], room, moves)
+            applied = self._apply_disjoint(candidates[order], gain[candidates[order]], change[order], room, moves)
+            total += applied
+            if applied < small_round:
+                break
         return total
 
     def _exchange_ranks(self) -> float:
@@ -377,7 +390,7 @@ class LayerSearch:
             u = next(x for x in chosen.tolist() if x != v and self.rank[x] == want and target_of[x] != want)
             self.swap(v, u)
 
-    def optimise(self, deadline: Optional[float] = None, price_growth: float = 2.0,
+    def optimise(self, deadline: Optional[float] = None, price_growth: float = 4.0,
                  max_stages: int = 40) -> None:
         """Improve under the balance constraint by continuation on the price of excess: first
         free, then with a price that doubles until the excess fits the budget, then repaired and

@@ -1,0 +1,89 @@
+"""Pure routing arithmetic of the folded dispatcher: replica choice, deduplication, expansion."""
+
+import itertools
+import math
+
+import torch
+
+from folding.dispatcher.plan import (SlotMap, _greedy_least_loaded, choose_replicas,
+                                     expand_received, plan_sends)
+
+# Ranks 0,1 on node 0 and ranks 2,3 on node 1; 3 slots per rank.
+SLOTS = SlotMap(torch.tensor([2, 1, 1, 3, 6, 2, 0, 5, 3, 4, 7, 4]), 3, torch.tensor([0, 0, 1, 1]))
+
+
+def routing(rows):
+    m = torch.zeros(len(rows), 8, dtype=torch.bool)
+    for t, experts in enumerate(rows):
+        m[t, experts] = True
+    return m
+
+
+def test_replica_rule_by_hand():
+    chosen = choose_replicas(routing([[1, 2], [3, 5], [2, 4], [4], [0, 7], [3, 4]]), SLOTS, own_rank=2)
+    # token 0: expert 1 has slots 1, 2 (rank 0): least loaded, lowest slot -> 1; expert 2 then
+    #          prefers slot 0 on rank 0, where the token already goes.
+    assert chosen[0, 1] == 1 and chosen[0, 2] == 0
+    # token 1: expert 5 sits on rank 2 only, so expert 3 takes its replica there (slot 8).
+    assert chosen[1, 5] == 7 and chosen[1, 3] == 8
+    # token 2: expert 2 by load (slot 0 already serves token 0) -> slot 5; expert 4 on own node.
+    assert chosen[2, 2] == 5 and chosen[2, 4] == 9
+    # token 5: expert 3 has a replica on the token's own rank (2): slot 8.
+    assert chosen[5, 3] == 8
+    assert (chosen[routing([[1, 2], [3, 5], [2, 4], [4], [0, 7], [3, 4]]) == False] == -1).all()  # noqa: E712
+
+
+def test_every_routed_pair_gets_a_slot_of_its_expert():
+    g = torch.Generator().manual_seed(0)
+    m = torch.zeros(200, 8, dtype=torch.bool)
+    m.scatter_(1, torch.multinomial(torch.ones(200, 8), 3, generator=g), True)
+    for own in range(4):
+        chosen = choose_replicas(m, SLOTS, own)
+        assert ((chosen >= 0) == m).all()
+        assert (SLOTS.slot_expert[chosen[m]] == torch.nonzero(m)[:, 1]).all()
+
+
+def test_greedy_least_loaded_matches_one_at_a_time():
+    for loads, count in [([0, 0, 0], 7), ([5, 1, 3], 9), ([2, 2], 1), ([0, 4, 4, 1], 12)]:
+        load = list(loads)
+        expected = []
+        for _ in range(count):
+            best = min(range(len(load)), key=lambda i: (load[i], i))
+            expected.append(best)
+            load[best] += 1
+        assert _greedy_least_loaded(torch.tensor(loads), count).tolist() == expected
+
+
+def test_deduplicated_plan_sends_each_token_once_per_rank():
+    identity = SlotMap(torch.arange(8), 2, torch.tensor([0, 0, 1, 1]))
+    m = routing([[0, 1], [0, 2], [5, 7], [6, 7]])
+    chosen = choose_replicas(m, identity, own_rank=0)
+    plan = plan_sends(chosen, 2, 4)
+    # token 0 -> rank 0 once (experts 0 and 1 both there); token 1 -> ranks 0, 1;
+    # token 2 -> ranks 2, 3; token 3 -> rank 3 once.
+    assert plan.send_counts.tolist() == [2, 1, 1, 2]
+    assert plan.row_token.tolist() == [0, 1, 1, 2, 2, 3]
+    # Rows are grouped by destination; each pair points at its row and local slot.
+    assert plan.pair_row.tolist() == [0, 0, 1, 2, 3, 4, 5, 5]
+    assert plan.pair_local_slot.tolist() == [0, 1, 0, 0, 1, 1, 0, 1]
+
+
+def test_uniform_dedup_ratio_matches_the_closed_form():
+    """Rows to other ranks over Megatron's copies to other ranks: P(1 - C(E-E/P,k)/C(E,k))/k."""
+    E, P, k, T = 64, 8, 8, 20000
+    g = torch.Generator().manual_seed(3)
+    m = torch.zeros(T, E, dtype=torch.bool)
+    m.scatter_(1, torch.multinomial(torch.ones(T, E), k, generator=g), True)
+    slots = SlotMap(torch.arange(E), E // P, torch.zeros(P, dtype=torch.long))
+    plan = plan_sends(choose_replicas(m, slots, 0), E // P, P)
+    copies = int(m[:, E // P:].sum())  # Megatron: one copy per expert not on rank 0
+    rows = int(plan.send_counts[1:].sum())
+    expected = P * (1 - math.comb(E - E // P, k) / math.comb(E, k)) / k
+    assert abs(rows / copies - expected) / expected < 0.01
+
+
+def test_expand_received_sorts_pairs_by_local_slot():
+    mask = torch.tensor([[True, False, True], [False, False, True], [True, True, False]])
+    rows, local, counts = expand_received(mask)
+    assert list(zip(rows.tolist(), local.tolist())) == [(0, 0), (2, 0), (2, 1), (0, 2), (1, 2)]
+    assert counts.tolist() == [2, 1, 2]
