@@ -78,7 +78,8 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
     def token_dispatch(self, hidden_states: torch.Tensor, probs: torch.Tensor):
         from megatron.core.tensor_parallel import all_to_all
 
-        send = self.plan.send_counts
+        # Counts travel on the data's device: NCCL moves only GPU tensors.
+        send = self.plan.send_counts.to(hidden_states.device)
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.ep_group)
         self.input_splits, self.output_splits = send.tolist(), recv.tolist()
@@ -86,21 +87,20 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
         # Weights and the routed-pair mask travel together, in the weights' dtype (0/1 is exact).
         payload = torch.cat([probs, self.row_mask.to(probs.dtype)], dim=1)
         received_payload = all_to_all(self.ep_group, payload, self.output_splits, self.input_splits)
-        received_probs, received_mask = received_payload.split(self.slots_per_rank, dim=1)
-        received_mask = received_mask.detach() != 0
         if self.tp_size > 1:
             from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
-            counts = [torch.zeros(1, dtype=torch.long) for _ in range(self.tp_size)]
-            dist.all_gather(counts, torch.tensor([received.shape[0]]), group=self.tp_group)
+            device = received.device
+            counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(self.tp_size)]
+            dist.all_gather(counts, torch.tensor([received.shape[0]], device=device),
+                            group=self.tp_group)
             self.tp_splits = [int(c) for c in counts]
             received = gather_from_sequence_parallel_region(
                 received, group=self.tp_group, output_split_sizes=self.tp_splits)
-            received_probs = gather_from_sequence_parallel_region(
-                received_probs, group=self.tp_group, output_split_sizes=self.tp_splits)
-            gathered = [torch.empty(n, self.slots_per_rank, dtype=torch.bool) for n in self.tp_splits]
-            dist.all_gather(gathered, received_mask, group=self.tp_group)
-            received_mask = torch.cat(gathered)
+            received_payload = gather_from_sequence_parallel_region(
+                received_payload, group=self.tp_group, output_split_sizes=self.tp_splits)
+        received_probs, received_mask = received_payload.split(self.slots_per_rank, dim=1)
+        received_mask = received_mask.detach() != 0
         self.received_mask = received_mask
         return received, received_probs
 
