@@ -36,6 +36,10 @@ class TrainOptions:
     load: Optional[str] = None
     placement: Optional[str] = None
     """Expert placement file for the folded dispatcher."""
+    trace_out: Optional[str] = None
+    """Write a routing trace (.npz) of the router's top-k choices to this file."""
+    trace_tokens: int = 8192
+    """Tokens per MoE layer in the trace."""
     log_interval: Optional[int] = None
     progress: bool = True
 
@@ -92,6 +96,8 @@ class TrainSummary:
     train_s: float
     tokens_per_s: float
     saved: Optional[str] = None
+    trace: Optional[str] = None
+    traced_tokens: Optional[int] = None
     traffic: Optional[list] = None
 
     @property
@@ -109,7 +115,8 @@ class TrainSummary:
                 "first_step": self.first_step, "steps": len(self.losses),
                 "first_loss": self.first_loss, "last_loss": self.last_loss,
                 "losses": self.losses, "wall_s": self.wall_s, "tokens_per_s": self.tokens_per_s,
-                "saved": self.saved, "traffic": self.traffic}
+                "saved": self.saved, "trace": self.trace, "traced_tokens": self.traced_tokens,
+                "traffic": self.traffic}
 
 
 def _train_rank(rank: int, world: int, options: TrainOptions, recipe: Recipe) -> Optional[dict]:
@@ -130,6 +137,11 @@ def _train_rank(rank: int, world: int, options: TrainOptions, recipe: Recipe) ->
                           placement=options.load_placement(recipe))
     if loaded:
         checkpoint.restore(trainer, loaded)
+    tracer = None
+    if options.trace_out:
+        from folding.router_trace import RouterTraceHook
+
+        tracer = RouterTraceHook(trainer, options.trace_tokens)
     corpus = ByteCorpus(training.data or "folding/data/corpus.txt")
     first = trainer.steps_done
     steps = options.steps if options.steps is not None else max(training.train_iters - first, 0)
@@ -159,6 +171,7 @@ def _train_rank(rank: int, world: int, options: TrainOptions, recipe: Recipe) ->
                       f"{done * tokens_per_step / elapsed:,.0f} tokens/s", file=sys.stderr)
     bar.close()
     train_s = time.perf_counter() - started
+    traced = tracer.write(options.trace_out) if tracer else None
     if options.save:
         meta = {"recipe": recipe.name, "folding": spec.degrees(),
                 "losses": (loaded["meta"].get("losses", []) if loaded else []) + losses}
@@ -166,7 +179,7 @@ def _train_rank(rank: int, world: int, options: TrainOptions, recipe: Recipe) ->
     traffic = trainer.traffic_report()
     if rank != 0:
         return None
-    return {"losses": losses, "first_step": first, "train_s": train_s,
+    return {"losses": losses, "first_step": first, "train_s": train_s, "traced_tokens": traced,
             "tokens_per_s": steps * tokens_per_step / train_s if steps else 0.0,
             "traffic": traffic}
 
@@ -176,6 +189,8 @@ def train(options: TrainOptions, timeout_s: Optional[float] = None) -> TrainSumm
 
     recipe = options.resolve()
     options.load_placement(recipe)  # a bad placement is refused before any rank starts
+    if options.trace_out is not None and options.trace_tokens < 1:
+        raise FoldingError(f"--trace-tokens must be positive, not {options.trace_tokens}")
     if options.load:
         from folding.checkpoint import saved_step
 
@@ -192,4 +207,5 @@ def train(options: TrainOptions, timeout_s: Optional[float] = None) -> TrainSumm
                         gpus_per_node=recipe.folding.gpus_per_node, first_step=head["first_step"],
                         losses=head["losses"], wall_s=time.perf_counter() - started,
                         train_s=head["train_s"], tokens_per_s=head["tokens_per_s"],
-                        saved=options.save, traffic=head["traffic"])
+                        saved=options.save, trace=options.trace_out,
+                        traced_tokens=head["traced_tokens"], traffic=head["traffic"])

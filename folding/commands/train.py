@@ -27,6 +27,8 @@ def register(sub) -> None:
     p.add_argument("--dispatcher", choices=DISPATCHERS, help="override the token dispatcher")
     p.add_argument("--placement", metavar="FILE", help="expert placement (JSON) for --dispatcher folded")
     p.add_argument("--traffic", action="store_true", help="print what the folded dispatcher moved")
+    p.add_argument("--trace-out", metavar="FILE", help="write a routing trace (.npz) for folding place")
+    p.add_argument("--trace-tokens", type=int, default=8192, help="tokens per MoE layer in the trace")
     add_json_argument(p)
     p.set_defaults(handler=run)
 
@@ -37,7 +39,8 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
     routing = {"dispatcher": args.dispatcher} if args.dispatcher else {}
     return TrainOptions(recipe=args.recipe, steps=args.steps, nproc=args.nproc, folding=folding,
                         routing=routing, save=args.save, load=args.load,
-                        log_interval=args.log_interval, placement=args.placement)
+                        log_interval=args.log_interval, placement=args.placement,
+                        trace_out=args.trace_out, trace_tokens=args.trace_tokens)
 
 
 def summary_text(s: TrainSummary) -> str:
@@ -49,6 +52,8 @@ def summary_text(s: TrainSummary) -> str:
              f"wall time {s.wall_s:.0f} s ({s.train_s:.0f} s training), {s.tokens_per_s:,.0f} tokens/s"]
     if s.saved:
         lines.append(f"checkpoint written to {s.saved}")
+    if s.trace:
+        lines.append(f"routing trace of {s.traced_tokens} tokens per MoE layer written to {s.trace}")
     return "\n".join(lines)
 
 

@@ -1,0 +1,102 @@
+"""Record routing traces from Megatron's router during training (``folding train --trace-out``).
+
+The hook records, for every MoE layer and every token a rank routes, the router's top-k expert
+choice before capacity dropping (so a trace shows what tokens asked for, also in runs that drop).
+Ranks route disjoint token streams, one per (DP, TP, CP) position of the attention mesh; the
+stages of a pipeline see the same stream for their own layers. ``write`` gathers every rank's
+records, joins the layers of each stream across pipeline stages so that token t is the same
+token in every layer, and writes the trace through ``folding.placement.recorder``.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+
+StreamKey = Tuple[int, int, int]
+
+
+class RouterTraceHook:
+    """Installed on one rank's model; ``write`` is a collective."""
+
+    def __init__(self, trainer, max_tokens: int):
+        self.max_tokens = max_tokens
+        self.spec = trainer.spec
+        arch = trainer.arch
+        pattern = arch.moe_layer_pattern()
+        self.ordinal = {layer + 1: sum(pattern[:layer]) for layer in range(arch.num_layers)
+                        if pattern[layer]}
+        self.num_experts = arch.num_experts
+        self.records: Dict[int, List[np.ndarray]] = {}
+        self.counts: Dict[int, int] = {}
+        self._layer = threading.local()
+        coords = trainer.spec.coordinates(trainer.rank)["attention"]
+        self.stream: StreamKey = (coords["dp"], coords["tp"], coords["cp"])
+        self._install()
+
+    def _install(self) -> None:
+        from megatron.core.transformer.moe import router
+
+        original_topk = router.topk_routing_with_score_function
+        original_routing = router.TopKRouter.routing
+        hook = self
+
+        def routing(self_router, logits, *args, **kwargs):
+            hook._layer.number = self_router.layer_number
+            return original_routing(self_router, logits, *args, **kwargs)
+
+        def topk(*args, **kwargs):
+            probs, routing_map = original_topk(*args, **kwargs)
+            if torch.is_grad_enabled():  # training forward passes only
+                hook._record(routing_map, probs)
+            return probs, routing_map
+
+        self._originals = (original_topk, original_routing)
+        router.TopKRouter.routing = routing
+        router.topk_routing_with_score_function = topk
+
+    def remove(self) -> None:
+        from megatron.core.transformer.moe import router
+
+        router.topk_routing_with_score_function, router.TopKRouter.routing = self._originals
+
+    def _record(self, routing_map: torch.Tensor, probs: torch.Tensor) -> None:
+        layer = self.ordinal[self._layer.number]
+        room = self.max_tokens - self.counts.get(layer, 0)
+        if room <= 0:
+            return
+        mask = routing_map[:room].detach().cpu()
+        weights = probs[:room].detach().float().cpu()
+        k = int(mask[0].sum()) if mask.shape[0] else 0
+        # The chosen experts of each token, highest weight first.
+        key = torch.where(mask, -weights, torch.full_like(weights, float("inf")))
+        ids = torch.argsort(key, dim=1, stable=True)[:, :k]
+        self.records.setdefault(layer, []).append(ids.numpy().astype(np.int32))
+        self.counts[layer] = self.counts.get(layer, 0) + ids.shape[0]
+
+    def write(self, path: str) -> int:
+        """Gather from every rank and write the trace on rank 0; returns its token count."""
+        import torch.distributed as dist
+
+        from folding.placement.recorder import TraceRecorder
+
+        local = {layer: np.concatenate(chunks) for layer, chunks in self.records.items()}
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, (self.stream, local))
+        tokens = 0
+        if dist.get_rank() == 0:
+            streams: Dict[StreamKey, Dict[int, np.ndarray]] = {}
+            for stream, layers in gathered:
+                streams.setdefault(stream, {}).update(layers)
+            recorder = TraceRecorder(self.num_experts, len(self.ordinal), self.max_tokens)
+            for stream in sorted(streams):
+                layers = streams[stream]
+                usable = min(len(ids) for ids in layers.values())
+                for layer in range(len(self.ordinal)):
+                    recorder.record(layer, layers[layer][:usable])
+            tokens = recorder.save(path).num_tokens
+        dist.barrier()
+        return tokens
