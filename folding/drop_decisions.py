@@ -16,7 +16,6 @@ continues with the reference's decision, so the gradient comparison stays exact.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -71,41 +70,30 @@ class DropDecisions:
         self.check = DropCheck()
         self.step = 0
         self._calls: Dict[int, int] = {}
-        self._layer = threading.local()
 
     def start_step(self, step: int) -> None:
         self.step = step
         self._calls.clear()
 
     def install(self) -> None:
-        from megatron.core.transformer.moe import moe_utils, router
+        from folding.router_hooks import RouterPatch
 
-        original_drop = moe_utils.apply_router_token_dropping
-        original_routing = router.TopKRouter.routing
-        decisions = self
+        def make_drop(original, current_layer):
+            def drop(probs, routing_map, router_topk, capacity_factor, drop_policy="probs",
+                     pad_to_capacity=False):
+                args = (router_topk, capacity_factor, drop_policy, pad_to_capacity)
+                layer = current_layer()
+                call = self._calls.get(layer, 0)
+                self._calls[layer] = call + 1
+                if self.mode == "record":
+                    return self._record(original, probs, routing_map, args, layer, call)
+                return self._replay(original, probs, routing_map, args, layer, call)
+            return drop
 
-        def routing(self_router, logits, *args, **kwargs):
-            decisions._layer.number = self_router.layer_number
-            return original_routing(self_router, logits, *args, **kwargs)
-
-        def drop(probs, routing_map, router_topk, capacity_factor, drop_policy="probs",
-                 pad_to_capacity=False):
-            args = (router_topk, capacity_factor, drop_policy, pad_to_capacity)
-            layer = decisions._layer.number
-            call = decisions._calls.get(layer, 0)
-            decisions._calls[layer] = call + 1
-            if decisions.mode == "record":
-                return decisions._record(original_drop, probs, routing_map, args, layer, call)
-            return decisions._replay(original_drop, probs, routing_map, args, layer, call)
-
-        self._originals = (original_routing, original_drop)
-        router.TopKRouter.routing = routing
-        router.apply_router_token_dropping = drop
+        self._patch = RouterPatch("apply_router_token_dropping", make_drop)
 
     def uninstall(self) -> None:
-        from megatron.core.transformer.moe import router
-
-        router.TopKRouter.routing, router.apply_router_token_dropping = self._originals
+        self._patch.remove()
 
     def _record(self, original, probs, routing_map, args, layer, micro_batch):
         from megatron.core.transformer.moe.moe_utils import get_capacity

@@ -10,6 +10,7 @@ exist (``folding.parallel_state.initialize``).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -55,7 +56,7 @@ class MoERouting:
 
 def have_transformer_engine() -> bool:
     try:
-        import transformer_engine  # noqa: F401
+        importlib.import_module("transformer_engine")
     except Exception:  # noqa: BLE001 - a broken install counts as absent
         return False
     return torch.cuda.is_available()
@@ -191,9 +192,7 @@ def build_model_chunks(arch: ModelArch, training: TrainingSetup, spec: FoldingSp
 
         placement = placement if placement is not None else identity_placement(arch, spec)
         check_placement(placement, arch, spec)
-        pattern = arch.moe_layer_pattern()
-        ordinal = {layer + 1: sum(pattern[:layer]) for layer in range(arch.num_layers) if pattern[layer]}
-        layer_spec = folded_layer_spec(layer_spec, placement, ordinal, spec.gpus_per_node)
+        layer_spec = folded_layer_spec(layer_spec, placement, arch.moe_ordinals(), spec.gpus_per_node)
     elif placement is not None:
         raise FoldingError("a placement needs the folded dispatcher (--dispatcher folded)")
     chunks = []

@@ -121,6 +121,11 @@ class ModelArch:
     def query_groups(self) -> int:
         return self.num_query_groups or self.num_attention_heads
 
+    def moe_ordinals(self) -> Dict[int, int]:
+        """{Megatron layer number (1-based): index among the MoE layers} for every MoE layer."""
+        pattern = self.moe_layer_pattern()
+        return {layer + 1: sum(pattern[:layer]) for layer in range(self.num_layers) if pattern[layer]}
+
     def moe_layer_pattern(self) -> List[int]:
         """1 for each MoE layer, 0 for each dense layer (Megatron's --moe-layer-freq semantics)."""
         if self.num_experts is None:

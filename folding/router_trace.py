@@ -10,7 +10,6 @@ token in every layer, and writes the trace through ``folding.placement.recorder`
 
 from __future__ import annotations
 
-import threading
 from typing import Dict, List, Tuple
 
 import numpy as np
@@ -26,45 +25,32 @@ class RouterTraceHook:
         self.max_tokens = max_tokens
         self.spec = trainer.spec
         arch = trainer.arch
-        pattern = arch.moe_layer_pattern()
-        self.ordinal = {layer + 1: sum(pattern[:layer]) for layer in range(arch.num_layers)
-                        if pattern[layer]}
+        self.ordinal = arch.moe_ordinals()
         self.num_experts = arch.num_experts
         self.records: Dict[int, List[np.ndarray]] = {}
         self.counts: Dict[int, int] = {}
-        self._layer = threading.local()
         coords = trainer.spec.coordinates(trainer.rank)["attention"]
         self.stream: StreamKey = (coords["dp"], coords["tp"], coords["cp"])
         self._install()
 
     def _install(self) -> None:
-        from megatron.core.transformer.moe import router
+        from folding.router_hooks import RouterPatch
 
-        original_topk = router.topk_routing_with_score_function
-        original_routing = router.TopKRouter.routing
-        hook = self
+        def make_topk(original, current_layer):
+            def topk(*args, **kwargs):
+                probs, routing_map = original(*args, **kwargs)
+                if torch.is_grad_enabled():  # training forward passes only
+                    self._record(current_layer(), routing_map, probs)
+                return probs, routing_map
+            return topk
 
-        def routing(self_router, logits, *args, **kwargs):
-            hook._layer.number = self_router.layer_number
-            return original_routing(self_router, logits, *args, **kwargs)
-
-        def topk(*args, **kwargs):
-            probs, routing_map = original_topk(*args, **kwargs)
-            if torch.is_grad_enabled():  # training forward passes only
-                hook._record(routing_map, probs)
-            return probs, routing_map
-
-        self._originals = (original_topk, original_routing)
-        router.TopKRouter.routing = routing
-        router.topk_routing_with_score_function = topk
+        self._patch = RouterPatch("topk_routing_with_score_function", make_topk)
 
     def remove(self) -> None:
-        from megatron.core.transformer.moe import router
+        self._patch.remove()
 
-        router.topk_routing_with_score_function, router.TopKRouter.routing = self._originals
-
-    def _record(self, routing_map: torch.Tensor, probs: torch.Tensor) -> None:
-        layer = self.ordinal[self._layer.number]
+    def _record(self, layer_number: int, routing_map: torch.Tensor, probs: torch.Tensor) -> None:
+        layer = self.ordinal[layer_number]
         room = self.max_tokens - self.counts.get(layer, 0)
         if room <= 0:
             return

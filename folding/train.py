@@ -120,7 +120,6 @@ class TrainSummary:
 
 
 def _train_rank(rank: int, world: int, options: TrainOptions, recipe: Recipe) -> Optional[dict]:
-    import torch.distributed as dist
     from tqdm import tqdm
 
     from folding import checkpoint

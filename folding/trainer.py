@@ -244,7 +244,6 @@ class RankTrainer:
 
     # --------------------------------------------------------------------------- steps
     def step(self, micro_batches: List[Dict[str, torch.Tensor]], keep_grads: bool = False) -> StepResult:
-        import torch.distributed as dist
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         for d in self.ddp:

@@ -107,8 +107,7 @@ def slot_experts(arch: ModelArch, global_layer: int, placement=None) -> List[int
     Megatron's contiguous layout (slot s holds expert s) without a placement."""
     if placement is None:
         return list(range(arch.num_experts or 0))
-    ordinal = sum(arch.moe_layer_pattern()[:global_layer])
-    return [int(e) for e in placement.layers[ordinal]]
+    return [int(e) for e in placement.layers[arch.moe_ordinals()[global_layer + 1]]]
 
 
 def slots_per_rank(arch: ModelArch, spec: FoldingSpec, placement=None) -> int:

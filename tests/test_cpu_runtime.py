@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from folding.launch import run_ranks
-from folding.mesh import FoldingSpec
 from folding.runtime import cpu
 
 pytestmark = pytest.mark.megatron

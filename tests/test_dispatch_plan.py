@@ -1,6 +1,5 @@
 """Pure routing arithmetic of the folded dispatcher: replica choice, deduplication, expansion."""
 
-import itertools
 import math
 
 import torch

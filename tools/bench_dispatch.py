@@ -166,7 +166,7 @@ def main(argv=None) -> int:
                "gpus_per_node": args.gpus_per_node}
     start = time.time()
     per_rank = run_ranks(_rank_body, 8, cases, options, timeout_s=3600)
-    rows, figures = [], []
+    figures = []
     header = (f"{'folding':14s} {'top-k':>5s} {'routing':>10s} {'Megatron MB':>11s} {'folded MB':>9s} "
               f"{'ratio':>6s} {'expected':>8s} {'node ratio':>10s} {'placed MB':>9s} {'time ratio':>10s}")
     print(header)

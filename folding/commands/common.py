@@ -71,3 +71,22 @@ def traffic_text(traffic, gpus_per_node: int) -> str:
                           "max pairs/rank", "mean pairs/rank"], rows)
     return (f"folded dispatcher traffic, last step ({len(traffic)} in all), {gpus_per_node} ranks "
             f"per node; a row is one token sent once to one rank:\n{table}")
+
+
+def print_run(args, as_json: dict, text: str, traffic, gpus_per_node: int) -> None:
+    """The result of a run: JSON, or text; with --traffic, the dispatcher's counters too."""
+    if args.json:
+        if not args.traffic:
+            as_json = {k: v for k, v in as_json.items() if k != "traffic"}
+        emit_json(as_json)
+        return
+    print(text)
+    if args.traffic:
+        print("\n" + traffic_text(traffic, gpus_per_node))
+
+
+def require_folded_for_traffic(args, dispatcher: str) -> None:
+    if args.traffic and dispatcher != "folded":
+        from folding.errors import FoldingError
+
+        raise FoldingError("--traffic counts what the folded dispatcher moves: add --dispatcher folded")

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from folding.commands.common import add_json_argument, emit_json, traffic_text
-from folding.errors import FoldingError
+from folding.commands.common import add_json_argument, print_run, require_folded_for_traffic
 from folding.model import DISPATCHERS
 from folding.train import TrainOptions, TrainSummary
 
@@ -61,17 +60,8 @@ def run(args: argparse.Namespace) -> int:
     from folding.train import train
 
     options = options_from_args(args)
-    options.progress = True
+    require_folded_for_traffic(args, options.routing.get(
+        "dispatcher", options.resolve().training.moe_token_dispatcher_type))
     summary = train(options)
-    if args.traffic and summary.traffic is None:
-        raise FoldingError("--traffic counts what the folded dispatcher moves: add --dispatcher folded")
-    if args.json:
-        out = summary.to_json()
-        if not args.traffic:
-            out.pop("traffic", None)
-        emit_json(out)
-    else:
-        print(summary_text(summary))
-        if args.traffic:
-            print("\n" + traffic_text(summary.traffic, summary.gpus_per_node))
+    print_run(args, summary.to_json(), summary_text(summary), summary.traffic, summary.gpus_per_node)
     return 0

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from folding.commands.common import (add_folding_arguments, add_json_argument, emit_json,
-                                     folding_from_args, format_table, traffic_text)
-from folding.errors import FoldingError
+from folding.commands.common import (add_folding_arguments, add_json_argument, folding_from_args,
+                                     format_table, print_run, require_folded_for_traffic)
 from folding.model import DISPATCHERS, MoERouting
 from folding.verify import FAULTS, LOSS_TOLERANCE, TENSOR_TOLERANCE, VerifyCase, VerifyReport
 
@@ -83,16 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from folding.verify import verify
 
     case = case_from_args(args)
+    require_folded_for_traffic(args, case.routing.dispatcher)
     report = verify(case, progress=True)
-    if args.traffic and report.traffic is None:
-        raise FoldingError("--traffic counts what the folded dispatcher moves: add --dispatcher folded")
-    if args.json:
-        out = report.to_json()
-        if not args.traffic:
-            out.pop("traffic", None)
-        emit_json(out)
-    else:
-        print(report_text(report))
-        if args.traffic:
-            print("\n" + traffic_text(report.traffic, case.spec.gpus_per_node))
+    print_run(args, report.to_json(), report_text(report), report.traffic, case.spec.gpus_per_node)
     return 0 if report.passed else 1
