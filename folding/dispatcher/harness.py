@@ -22,7 +22,7 @@ def build_layer(arch: ModelArch, training: TrainingSetup, spec: FoldingSpec, rou
                 placement=None, seed: int = 0):
     """A Megatron MoE layer (layer 1) for this rank, with weights drawn from ``seed``."""
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-    from megatron.core.transformer.spec_utils import build_module
+    from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
     config = transformer_config(arch, training, spec, routing)
     layer_spec = gpt_layer_spec(arch, folded=routing.dispatcher == "folded")
@@ -33,7 +33,9 @@ def build_layer(arch: ModelArch, training: TrainingSetup, spec: FoldingSpec, rou
         layer_spec = folded_layer_spec(layer_spec, placement, {1: 0}, spec.gpus_per_node)
     model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
-    layer = build_module(layer_spec.submodules.mlp, config=config)
+    mlp = layer_spec.submodules.mlp
+    # megatron-core 0.16 describes the MoE layer with a ModuleSpec, 0.19 with a partial.
+    layer = build_module(mlp, config=config) if isinstance(mlp, ModuleSpec) else mlp(config=config)
     layer.set_layer_number(1)
     return layer
 
