@@ -153,24 +153,30 @@ class LayerSearch:
         return total
 
     def gains(self) -> np.ndarray:
-        """[V, V]: cost reduction of swapping items v and u (-inf where not a swap)."""
+        """[V, V]: cost reduction of swapping items v and u (-inf where not a swap).
+
+        Every term has the form value[v, host of u] + value[u, host of v] - value[v, own host]
+        - value[u, own host] (``pair_gain``), so the rank, node and linear terms are summed into
+        one [V, P] table first. The pair itself never shares a host before or after: -2 C per
+        level, except that a pair inside one node keeps sharing it.
+        """
         rank = self.rank
         V = len(rank)
-        gain = np.zeros((V, V))
-        items = np.arange(V)
+        value = np.zeros((V, self.num_ranks))
         if self.affinity is not None:
-            if self.rank_weight:
-                gain += self.rank_weight * pair_gain(self.rank_affinity[:, rank],
-                                                     self.rank_affinity[items, rank], self.affinity)
+            value += self.rank_weight * self.rank_affinity
+            if self.node_weight:
+                value += self.node_weight * self.node_affinity[:, self.rank_nodes]
+        if self.linear is not None:
+            value -= self.linear
+        items = np.arange(V)
+        gain = pair_gain(value[:, rank], value[items, rank], None)
+        if self.affinity is not None:
+            gain -= (2.0 * (self.rank_weight + self.node_weight)) * self.affinity
             if self.node_weight:
                 node = self.rank_nodes[rank]
-                node_gain = pair_gain(self.node_affinity[:, node], self.node_affinity[items, node],
-                                      self.affinity)
-                gain += self.node_weight * np.where(node[:, None] != node[None, :], node_gain, 0.0)
-        if self.linear is not None:
-            elsewhere = self.linear[:, rank]
-            here = self.linear[items, rank]
-            gain += here[:, None] + here[None, :] - elsewhere - elsewhere.T
+                np.add(gain, (2.0 * self.node_weight) * self.affinity, out=gain,
+                       where=node[:, None] == node[None, :])
         gain[rank[:, None] == rank[None, :]] = NEGATIVE
         return gain
 
@@ -447,11 +453,17 @@ class LayerSearch:
         return applied
 
 
-def pair_gain(to_partner_host: np.ndarray, to_own_host: np.ndarray, affinity: np.ndarray) -> np.ndarray:
-    """[V, V]: change of co-located affinity when v and u trade hosts.
+def pair_gain(to_partner_host: np.ndarray, to_own_host: np.ndarray,
+              affinity: Optional[np.ndarray]) -> np.ndarray:
+    """[V, V]: change of co-located value when v and u trade hosts.
 
-    ``to_partner_host[v, u]`` is v's affinity to u's host, ``to_own_host[v]`` v's affinity to its
-    own host; the pair itself never shares a host before or after, hence the -2 affinity term.
+    ``to_partner_host[v, u]`` is v's value on u's host, ``to_own_host[v]`` v's value on its own
+    host; with ``affinity``, the pair itself never shares a host before or after, hence the -2
+    affinity term.
     """
-    return (to_partner_host + to_partner_host.T - to_own_host[:, None] - to_own_host[None, :]
-            - 2.0 * affinity)
+    gain = to_partner_host + to_partner_host.T
+    gain -= to_own_host[:, None]
+    gain -= to_own_host[None, :]
+    if affinity is not None:
+        gain -= 2.0 * affinity
+    return gain

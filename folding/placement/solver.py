@@ -36,7 +36,7 @@ from folding.placement.placement import Placement, host_fractions
 from folding.placement.search import LayerSearch, balance_bound
 from folding.placement.trace import RoutingTrace
 
-DEFAULT_BALANCE_SLACK = 0.01
+DEFAULT_BALANCE_SLACK = 0.0075
 
 
 @dataclass
@@ -297,6 +297,7 @@ def solve_inference(trace: RoutingTrace, layers: List[LayerItems], rank_nodes: n
     slot_ranks = np.repeat(np.arange(len(rank_nodes)), slots_per_rank)
     E, L = trace.num_experts, trace.num_layers
     warm = layers[0].home is not None
+    assignment_helps = [True] * L
     out_of_time = lambda: deadline is not None and time.perf_counter() > deadline  # noqa: E731
 
     def place_layer(layer: int, use_next: bool) -> float:
@@ -313,18 +314,21 @@ def solve_inference(trace: RoutingTrace, layers: List[LayerItems], rank_nodes: n
                                max_moved=max_moved, noise=items.noise)
 
         # The assignment optimum is brought within the balance bound by continuation; the
-        # current placement, already within it, is only improved.
+        # current placement, already within it, is only improved. A layer where the assignment
+        # lost to the current placement stops trying it: its neighbours have settled.
         searches = []
-        if not warm:
+        if not warm and assignment_helps[layer]:
             _, slots = linear_sum_assignment(linear[:, slot_ranks])
             searches.append(search_from(slot_ranks[slots]))
             searches[-1].optimise(deadline)
         searches.append(search_from(items.ranks))
         searches[-1].improve(deadline)
-        for search in searches:
+        winner = None
+        for index, search in enumerate(searches):
             cost = search.cost()
             if search.excess() <= search.excess_budget + search.tolerance and cost < best_cost - search.tolerance:
-                best_ranks, best_cost = search.rank, cost
+                best_ranks, best_cost, winner = search.rank, cost, index
+        assignment_helps[layer] = len(searches) == 2 and winner == 0
         items.ranks = best_ranks
         return current - best_cost
 
@@ -368,6 +372,7 @@ def solve_inference(trace: RoutingTrace, layers: List[LayerItems], rank_nodes: n
         if not search.repair():
             continue
         items.ranks = search.rank
+        assignment_helps[:] = [True] * L
         descend(2, follow_first=False)
         cost = total_cost()
         if cost < best_cost - 1e-9 * trace.num_tokens:
