@@ -121,11 +121,15 @@ def inference_section(quick: bool) -> dict:
 
 
 def certificate_section(milp_seconds: float) -> dict:
+    """The target instance (8 layers) for both objectives, and, because the inference MILP does
+    not close on 8 layers, a 2-layer inference instance the MILP does solve."""
     spec = SynthSpec(16, 8, 8000, 2, coactivation=0.7, affinity=0.7, group_size=4)
-    fit, _ = split_trace(spec)
+    two_layers = SynthSpec(16, 2, 8000, 2, coactivation=0.7, affinity=0.7, group_size=4)
     out, rows = {}, []
-    for objective in ("training", "inference"):
-        log(f"certificate {objective} (MILP up to {milp_seconds:.0f} s)")
+    for name, objective, instance in (("training", "training", spec), ("inference", "inference", spec),
+                                      ("inference_2_layers", "inference", two_layers)):
+        fit, _ = split_trace(instance)
+        log(f"certificate {name} (MILP up to {milp_seconds:.0f} s)")
         heuristic = solve(fit, 4, 2, objective, sampling_noise=False)
         cost = evaluate(heuristic.placement, fit).cost(objective)
         exact = solve_milp(fit, 4, 2, objective, time_limit=milp_seconds)
@@ -134,11 +138,11 @@ def certificate_section(milp_seconds: float) -> dict:
                   "milp_gap": exact.gap, "folding_vs_milp": cost / exact.cost - 1.0,
                   "folding_above_bound": exact.excess_of(cost)}
         record["met"] = exact.optimal and record["folding_vs_milp"] <= 0.05
-        out[objective] = record
-        rows.append([objective, cost, exact.cost, exact.bound, "yes" if exact.optimal else "no",
+        out[name] = record
+        rows.append([f"{objective}, {instance.num_layers} layers", cost, exact.cost, exact.bound, "yes" if exact.optimal else "no",
                      f"{100 * record['folding_vs_milp']:+.2f}%", f"{100 * record['folding_above_bound']:.2f}%",
                      f"{heuristic.seconds:.2f}", f"{exact.seconds:.1f}", "met" if record["met"] else "NOT MET"])
-    print("\n== Certificate: 16 experts x 8 layers x 4 ranks (2 per node), top-2, noise-free balance rule")
+    print("\n== Certificate: 16 experts x 4 ranks (2 per node), top-2, noise-free balance rule")
     print(table(["objective", "folding", "MILP best", "MILP bound", "proven", "vs MILP", "above bound",
                  "folding s", "MILP s", "target"], rows))
     return out
@@ -220,7 +224,8 @@ def main() -> int:
         "stability": all(c["met"] for c in figures["stability"]["cases"]),
     }
     if "certificate" in figures:
-        verdicts["certificate"] = all(c["met"] for c in figures["certificate"].values())
+        verdicts["certificate_training"] = figures["certificate"]["training"]["met"]
+        verdicts["certificate_inference"] = figures["certificate"]["inference"]["met"]
     figures["targets_met"] = verdicts
     figures["bench_seconds"] = time.perf_counter() - start
     print("\n" + "  ".join(f"{k}: {'met' if v else 'NOT MET'}" for k, v in verdicts.items()))
