@@ -21,6 +21,9 @@ pipeline schedule keeps in flight. Top-k routing multiplies the tokens each expe
 CP divides the sequence; TP divides heads and hidden projections; sequence parallelism divides
 norms, residuals and dropout masks. The accounting is per saved tensor (see
 ``layer_activation_bytes``); it is an estimate of the steady-state peak, not a trace.
+``ActivationOptions`` names the kernels: flash or unfused attention, and Megatron's fused
+element-wise kernels (GPU training) or the local spec's unfused ones (the CPU runtime). The CPU
+accounting is checked against the tensors real folded models save (``folding.cost.measure``).
 """
 
 from __future__ import annotations
@@ -247,6 +250,12 @@ class ActivationOptions:
     """Tokens on the busiest expert rank over the even share, for dropless routing."""
     recompute: Optional[str] = None
     """Override the recipe's recompute (none, selective, full)."""
+    fused_elementwise: bool = True
+    """Megatron's fused element-wise kernels, as GPU training runs them: Transformer Engine (or
+    Apex) norms, --bias-swiglu-fusion, --rope-fusion and --masked-softmax-fusion. False is the
+    local layer spec on the CPU (torch norms; SwiGLU, RoPE and the masked softmax unfused), whose
+    intermediate results autograd keeps as well (see ``_norm_bytes``, ``_mlp_bytes`` and
+    ``attention_activation_bytes``)."""
 
 
 @dataclass(frozen=True)
@@ -282,8 +291,15 @@ def token_shape(arch: ModelArch, training: TrainingSetup, spec: FoldingSpec,
     return TokenShape(tokens, sp_tokens, expert_tokens)
 
 
-def _norm_bytes(arch: ModelArch, tokens: int, a: int) -> int:
-    """A norm keeps its input and fp32 statistics per token (LayerNorm: mean and rstd)."""
+def _norm_bytes(arch: ModelArch, tokens: int, a: int, fused: bool = True) -> int:
+    """A norm keeps its input and fp32 statistics per token (LayerNorm: mean and rstd).
+
+    Unfused, torch's RMSNorm (the local spec's) is a composite that computes in fp32 and keeps
+    the fp32 input and the normalised input x * rstd for the weight multiply, plus rstd; torch's
+    LayerNorm is one kernel that keeps what the fused norms keep.
+    """
+    if not fused and arch.normalization == "RMSNorm":
+        return tokens * (2 * arch.hidden_size * 4 + 4)
     stats = 2 if arch.normalization == "LayerNorm" else 1
     return tokens * (arch.hidden_size * a + 4 * stats)
 
@@ -307,8 +323,15 @@ def attention_activation_bytes(arch: ModelArch, shape: TokenShape, spec: Folding
         k_dim = v_dim = arch.query_groups * arch.head_dim
         latents = 0
         value_head_dim = arch.head_dim
-    out = _norm_bytes(arch, t, a)               # input norm
+    fused = options.fused_elementwise
+    out = _norm_bytes(arch, t, a, fused)        # input norm
     out += t * h * a + latents                   # QKV input (kept sequence-sharded)
+    local_sequence = seq_length // spec.cp
+    if not fused and arch.position_embedding_type == "rope":
+        # Unfused RoPE computes cos and sin of the frequencies for queries and for keys and keeps
+        # all four, [sequence, rotary dim], for the backward multiply.
+        rotary_dim = arch.qk_pos_emb_head_dim if arch.multi_latent_attention else arch.head_dim
+        out += 4 * local_sequence * rotary_dim * a
     heads_local = n // tp
     if options.attention_kernel == "flash" or recompute == "selective":
         out += T * (q_dim + k_dim + v_dim) // tp * a          # q, k, v kept by the kernel
@@ -317,40 +340,61 @@ def attention_activation_bytes(arch: ModelArch, shape: TokenShape, spec: Folding
     else:
         # Megatron's local attention expands K and V to every query head before the matmuls.
         out += T * (q_dim + 2 * (q_dim if not arch.multi_latent_attention else v_dim)) // tp * a
-        scores = micro_batch_size * heads_local * (seq_length // spec.cp) * (seq_length // spec.cp)
+        scores = micro_batch_size * heads_local * local_sequence * local_sequence
         softmax = 4 if options.attention_softmax_in_fp32 else a
         cast = options.attention_softmax_in_fp32 and a != 4
         dropout = arch.attention_dropout > 0
         out += scores * (softmax + (a if cast or dropout else 0) + (1 if dropout else 0))
+        if not fused:
+            # The unfused masked softmax builds the boolean causal mask in every layer and
+            # masked_fill keeps it.
+            out += local_sequence * local_sequence
     out += T * n * value_head_dim // tp * a      # attention output = output projection input
     if arch.hidden_dropout > 0:
         out += t * h                             # residual dropout mask
     return out
 
 
-def _mlp_bytes(arch: ModelArch, tokens: int, ffn: int, split: int, a: int) -> int:
-    """fc1 output (kept by the activation function) and activation output (fc2's input)."""
+def _mlp_bytes(arch: ModelArch, tokens: int, ffn: int, split: int, a: int, fused: bool = True,
+               weighted: bool = False) -> int:
+    """fc1 output (kept by the activation function) and activation output (fc2's input).
+
+    Unfused SwiGLU keeps, besides fc1's output, silu(x1) and x2 + glu_linear_offset (operands of
+    their product). Routed experts (``weighted``) multiply the activation by the token's router
+    probability before fc2 (megatron-core 0.16 and later apply it there, not at the combine):
+    the fused weighted SwiGLU keeps the probability with its input; otherwise the multiply keeps
+    the activation output and the probability, and fc2 keeps the weighted copy.
+    """
     gated = 2 if arch.swiglu else 1
-    return tokens * ffn * (gated + 1) // split * a
+    kept = gated + 1
+    if arch.swiglu and not fused:
+        kept += 2
+    if weighted and not (arch.swiglu and fused):
+        kept += 1
+    return tokens * ffn * kept // split * a + (tokens * 4 if weighted else 0)
 
 
 def mlp_activation_bytes(arch: ModelArch, shape: TokenShape, spec: FoldingSpec, a: int,
-                         is_moe: bool) -> int:
-    """Pre-MLP norm, then the dense MLP or the router, routed experts and shared experts."""
+                         is_moe: bool, options: ActivationOptions = ActivationOptions()) -> int:
+    """Pre-MLP norm, then the dense MLP or the router, routed experts and shared experts.
+
+    The combine keeps no expert outputs: the experts apply the router probabilities before fc2
+    and the unpermute only scatters (it keeps its indices, counted with the router's).
+    """
     h = arch.hidden_size
     T, t = shape.tokens, shape.sp_tokens
-    out = _norm_bytes(arch, t, a) + t * h * a    # norm input; its output feeds fc1 / the router
+    fused = options.fused_elementwise
+    out = _norm_bytes(arch, t, a, fused) + t * h * a   # norm input; its output feeds fc1 / the router
     if not is_moe:
-        out += _mlp_bytes(arch, T, arch.ffn_hidden_size, spec.tp, a)
+        out += _mlp_bytes(arch, T, arch.ffn_hidden_size, spec.tp, a, fused)
     else:
         k, E = arch.moe_router_topk, arch.num_experts
         out += t * E * 4 * 2 + t * k * 8         # fp32 router scores and probabilities, top-k indices
         n = shape.expert_tokens
         out += n * h * a                         # expert fc1 inputs
-        out += _mlp_bytes(arch, n, arch.expert_ffn_hidden_size, spec.etp, a)
-        out += t * k * (h * a + 4)               # expert outputs and probabilities for the combine
+        out += _mlp_bytes(arch, n, arch.expert_ffn_hidden_size, spec.etp, a, fused, weighted=True)
         if arch.moe_shared_expert_intermediate_size:
-            out += _mlp_bytes(arch, T, arch.moe_shared_expert_intermediate_size, spec.tp, a)
+            out += _mlp_bytes(arch, T, arch.moe_shared_expert_intermediate_size, spec.tp, a, fused)
     if arch.hidden_dropout > 0:
         out += t * h
     return out
@@ -369,7 +413,7 @@ def layer_activation_bytes(arch: ModelArch, training: TrainingSetup, spec: Foldi
         return shape.sp_tokens * arch.hidden_size * a     # only the layer input is checkpointed
     return (attention_activation_bytes(arch, shape, spec, a, recompute, options,
                                        training.seq_length, mbs)
-            + mlp_activation_bytes(arch, shape, spec, a, is_moe))
+            + mlp_activation_bytes(arch, shape, spec, a, is_moe, options))
 
 
 def dispatcher_buffer_bytes(arch: ModelArch, training: TrainingSetup, spec: FoldingSpec,
@@ -441,11 +485,12 @@ def num_microbatches(training: TrainingSetup, spec: FoldingSpec,
     return training.global_batch_size // per_step
 
 
-def output_activation_bytes(arch: ModelArch, shape: TokenShape, spec: FoldingSpec, a: int) -> int:
+def output_activation_bytes(arch: ModelArch, shape: TokenShape, spec: FoldingSpec, a: int,
+                            fused: bool = True) -> int:
     """Final norm, output-layer input and the fp32 softmax the vocabulary-parallel cross
     entropy keeps, per output head."""
     vocab = padded_vocab_size(arch, spec.tp) // spec.tp
-    return _norm_bytes(arch, shape.sp_tokens, a) + shape.sp_tokens * arch.hidden_size * a + \
+    return _norm_bytes(arch, shape.sp_tokens, a, fused) + shape.sp_tokens * arch.hidden_size * a + \
         shape.tokens * vocab * 4
 
 
@@ -510,7 +555,8 @@ def stage_memory(arch: ModelArch, training: TrainingSetup, spec: FoldingSpec, pp
         transient += max(acts.layer(spec, bool(i), mbs, "none") for i in set(pattern))
     if holds_output:
         heads = 1 + (arch.mtp_num_layers or 0)
-        details["output"] = heads * output_activation_bytes(arch, shape, spec, a)
+        details["output"] = heads * output_activation_bytes(arch, shape, spec, a,
+                                                            options.fused_elementwise)
         if arch.mtp_num_layers:
             details["output"] += arch.mtp_num_layers * (
                 acts.layer(spec, bool(pattern[-1]), mbs, recompute)
