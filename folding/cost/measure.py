@@ -410,9 +410,10 @@ def main() -> None:
             ratios = activation_ratios(case, ranks, i)
             ratio, measured, predicted, load = max(ratios, key=lambda x: x[1])
             worst = max(ratios, key=lambda x: abs(x[0] - 1))[0]
+            even = measured / predicted_activation_bytes(case, seq, mbs)
             print(f"  {case.load().folding.describe():<32} seq {seq:>3} mbs {mbs}: measured "
                   f"{measured:>8} predicted {predicted:>8} ratio {ratio:.3f} (expert load "
-                  f"{load:.2f}); furthest rank {worst:.3f}")
+                  f"{load:.2f}; for even routing {even:.3f}); furthest rank {worst:.3f}")
 
 
 if __name__ == "__main__":
