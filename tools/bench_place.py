@@ -6,7 +6,7 @@ inter-layer affinity, the exact MILP certificate on 16 experts x 8 layers x 4 ra
 at two scales, and stability under routing drift. Prints a side-by-side table per section and
 ends with one JSON line of the figures and of each target's verdict.
 
-    python tools/bench_place.py            # about five minutes on 2 cores
+    python tools/bench_place.py            # 10 to 20 minutes on 2 cores, most of it in the MILPs
     python tools/bench_place.py --quick    # smaller traces, no certificate: a smoke run
 """
 
@@ -208,7 +208,7 @@ def stability_section(quick: bool) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller traces and no MILP certificate")
-    parser.add_argument("--milp-seconds", type=float, default=240.0, help="time limit of each MILP")
+    parser.add_argument("--milp-seconds", type=float, default=400.0, help="time limit of each MILP (wall clock)")
     args = parser.parse_args()
     start = time.perf_counter()
     figures = {"training": training_section(args.quick), "inference": inference_section(args.quick)}

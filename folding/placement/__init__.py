@@ -1,9 +1,11 @@
 """Expert placement: routing traces, placement files, metrics, baselines and the solver.
 
-``Placement`` (placement.py) is the file format the token dispatcher loads; ``RoutingTrace``
-(trace.py) the routing trace format; ``evaluate`` (metrics.py) scores a placement on a trace;
-``solve`` (solver.py) is the fast solver, ``baselines.py`` the reference placements and
-``milp.py`` the exact solver that certifies small instances.
+One module per concern: ``placement`` (the placement file the token dispatcher loads),
+``trace`` (the routing trace file, its validation and statistics), ``recorder`` (collecting a
+trace during training), ``synth`` (synthetic traces), ``metrics`` (scoring a placement on a
+trace), ``packing`` (replica counts and balanced packing), ``search`` (swap local search of one
+layer), ``solver`` (the fast solver), ``baselines`` (contiguous, EPLB-style, ExFlow-style),
+``milp`` (the exact solver that certifies small instances) and ``plot``.
 """
 
 from folding.placement.metrics import PlacementMetrics, evaluate
