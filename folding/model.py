@@ -215,8 +215,16 @@ def build_model_chunks(arch: ModelArch, training: TrainingSetup, spec: FoldingSp
 
 
 def wrap_ddp(chunks: List[torch.nn.Module], use_distributed_optimizer: bool = False):
-    """Megatron's DistributedDataParallel around each chunk (the first chunk owns bucketing)."""
+    """Megatron's DistributedDataParallel around each chunk (the first chunk owns bucketing).
+
+    16-bit chunks first go into Megatron's Float16Module, as Megatron's training does: it casts
+    every parameter to the training dtype (the torch norms of the local spec ignore
+    ``params_dtype`` otherwise) and the inputs and outputs at the model's edges.
+    """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.module import Float16Module
+
+    chunks = [Float16Module(c.config, c) if (c.config.bf16 or c.config.fp16) else c for c in chunks]
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False,

@@ -56,9 +56,6 @@ class Case:
     model: Dict[str, Any] = field(default_factory=dict)
     """Architecture fields over the recipe's (e.g. a hidden size whose norms need buffer padding)."""
     recipe: str = "tiny-moe"
-    float16_module: bool = True
-    """For bf16/fp16: wrap the chunks in Megatron's Float16Module before DDP, as Megatron's
-    training does (see ``megatron_float16_module``)."""
 
     def load(self):
         """The recipe with this case's folding, and the architecture the runtime builds."""
@@ -157,32 +154,6 @@ def parameter_elements_by_kind(chunks) -> Dict[str, int]:
     return totals
 
 
-@contextlib.contextmanager
-def megatron_float16_module() -> Iterator[None]:
-    """While active, ``RankTrainer`` wraps each model chunk in Megatron's Float16Module before
-    DDP, as Megatron's training does for bf16 and fp16 (megatron.training's ``get_model``).
-
-    Float16Module casts every parameter to the training dtype. Without it the torch norms of the
-    local layer spec, which ignore ``params_dtype``, stay fp32 on a 16-bit CPU run: they then
-    take 4 bytes per element and get no fp32 master copy.
-    """
-    from megatron.core.transformer.module import Float16Module
-
-    import folding.trainer as trainer_module
-
-    original = trainer_module.wrap_ddp
-
-    def wrap_ddp(chunks, use_distributed_optimizer: bool = False):
-        return original([Float16Module(chunk.config, chunk) for chunk in chunks],
-                        use_distributed_optimizer)
-
-    trainer_module.wrap_ddp = wrap_ddp
-    try:
-        yield
-    finally:
-        trainer_module.wrap_ddp = original
-
-
 # ----------------------------------------------------------------------------- activations
 def saved_activation_bytes(run: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()
                            ) -> Tuple[Any, int]:
@@ -257,9 +228,7 @@ def measure_case(rank: int, case: Case) -> Dict[str, Any]:
     recipe = case.load()
     spec = recipe.folding
     training = case.training()
-    wrap = case.precision != "fp32" and case.float16_module
-    with megatron_float16_module() if wrap else contextlib.nullcontext():
-        trainer = RankTrainer(recipe.model, training, spec)
+    trainer = RankTrainer(recipe.model, training, spec)
     corpus = ByteCorpus(training.data)
     trainer.step(_micro_batches(spec, rank, WEIGHT_STEP_SEQ_LENGTH, 1, WEIGHT_STEP_MICRO_BATCHES,
                                 corpus))
