@@ -1,10 +1,12 @@
 """Create the folded process groups through Megatron-Core and check them against ``folding.mesh``.
 
 ``initialize(spec)`` runs on every rank of an already initialised default process group (NCCL or
-gloo). It calls megatron-core's ``parallel_state.initialize_model_parallel`` and then compares,
-on every rank, each group Megatron holds with the group ``FoldingSpec`` computed in pure Python.
-All ranks agree on the verdict before anyone raises, so a mismatch stops every rank instead of
-leaving some waiting in a collective.
+gloo). It calls megatron-core's ``parallel_state.initialize_model_parallel`` and then
+``verify_megatron_groups(spec)``, which compares, on every rank, each group Megatron holds with
+the group ``FoldingSpec`` computed in pure Python. All ranks agree on the verdict before anyone
+raises, so a mismatch stops every rank instead of leaving some waiting in a collective.
+``verify_megatron_groups`` alone checks groups someone else built (Megatron-LM's
+``initialize_megatron``; see ``folding.megatron_plugin``).
 """
 
 from __future__ import annotations
@@ -59,6 +61,48 @@ def compare_with_megatron(spec: FoldingSpec, rank: int,
     return problems
 
 
+def _require_world(spec: FoldingSpec) -> None:
+    if not torch.distributed.is_initialized():
+        raise FoldingError("the folded mesh is checked on a process group: call "
+                           "torch.distributed.init_process_group() first")
+    world = torch.distributed.get_world_size()
+    if world != spec.world_size:
+        raise FoldingError(f"the folding is for world_size={spec.world_size}, but the process "
+                           f"group has {world} ranks")
+
+
+def verify_megatron_groups(spec: FoldingSpec) -> int:
+    """Compare every group Megatron's parallel_state holds with ``spec``'s mesh, on every rank.
+
+    A collective: every rank of the default process group must call it. All ranks learn the
+    verdict together; on a mismatch each raises ``MeshMismatch`` naming the first differing
+    group (its own if it has one, else the first of the lowest rank that has one). Returns the
+    number of groups checked on this rank.
+    """
+    from megatron.core import parallel_state as ps
+
+    _require_world(spec)
+    if not ps.model_parallel_is_initialized():
+        raise FoldingError("Megatron's parallel state is not initialised: build its groups first "
+                           "(initialize_model_parallel or Megatron-LM's initialize_megatron)")
+    rank = torch.distributed.get_rank()
+    groups = megatron_groups_of_this_rank()
+    problems = compare_with_megatron(spec, rank, groups)
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    failed = torch.tensor([len(problems)], device=device)
+    torch.distributed.all_reduce(failed)
+    if not failed.item():
+        return len(groups)
+    # Only on a mismatch: every rank learns what differs, so each error names a group.
+    everyone: List[List[str]] = [[] for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather_object(everyone, problems[:1])
+    if problems:
+        raise MeshMismatch("; ".join(problems))
+    first = next(p[0] for p in everyone if p)
+    raise MeshMismatch(f"rank {rank}: Megatron's groups differ from the folded mesh on "
+                       f"{int(failed.item())} group(s) of other ranks, first: {first}")
+
+
 def initialize(spec: FoldingSpec, **megatron_kwargs) -> None:
     """Build Megatron's model-parallel groups for ``spec`` and verify them, on every rank.
 
@@ -66,12 +110,7 @@ def initialize(spec: FoldingSpec, **megatron_kwargs) -> None:
     """
     from megatron.core import parallel_state as ps
 
-    if not torch.distributed.is_initialized():
-        raise FoldingError("initialize() needs torch.distributed.init_process_group() first")
-    world = torch.distributed.get_world_size()
-    if world != spec.world_size:
-        raise FoldingError(f"the folding is for world_size={spec.world_size}, but the process "
-                           f"group has {world} ranks")
+    _require_world(spec)
     ps.initialize_model_parallel(
         tensor_model_parallel_size=spec.tp,
         pipeline_model_parallel_size=spec.pp,
@@ -82,16 +121,7 @@ def initialize(spec: FoldingSpec, **megatron_kwargs) -> None:
         order=spec.order,
         **megatron_kwargs,
     )
-    rank = torch.distributed.get_rank()
-    problems = compare_with_megatron(spec, rank, megatron_groups_of_this_rank())
-    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-    failed = torch.tensor([len(problems)], device=device)
-    torch.distributed.all_reduce(failed)
-    if problems:
-        raise MeshMismatch("; ".join(problems))
-    if failed.item():
-        raise MeshMismatch(f"rank {rank}: Megatron's groups differ from the folded mesh on "
-                           f"{int(failed.item())} group(s) of other ranks")
+    verify_megatron_groups(spec)
 
 
 def destroy() -> None:

@@ -7,6 +7,7 @@ dispatcher its layer's row of the placement, and marks every replica slot but th
 expert so Megatron's gradient norm counts the expert once. ``sum_replica_gradients`` keeps the
 replicas of an expert one parameter: after Megatron reduces gradients over expert-data-parallel
 ranks, the gradients of all slots of an expert are summed over the EP group.
+``is_moe_layer_spec`` and ``experts_class`` read a layer spec of either release.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ import torch
 import torch.distributed as dist
 
 from folding.dispatcher.token_dispatcher import FoldedTokenDispatcher
+from folding.errors import FoldingError
 
 try:
+    from megatron.core.transformer.moe.experts import SequentialMLP
     from megatron.core.transformer.moe.moe_layer import MoELayer
     from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 except ImportError:  # pragma: no cover - megatron-core is a dependency
-    MoELayer = torch.nn.Module
+    MoELayer = SequentialMLP = torch.nn.Module
 
 
 def _experts_with_slots(original, slots: int):
@@ -94,16 +97,47 @@ class FoldedMoELayer(MoELayer):
                 param.shared = not primary
 
 
-def folded_layer_spec(layer_spec, placement, moe_ordinal: Dict[int, int], gpus_per_node: int):
-    """A copy of a Megatron GPT layer spec whose MoE layer is ``FoldedMoELayer``."""
+def _built_class(spec) -> Optional[type]:
+    """The class a ModuleSpec, a functools.partial or a bare class builds; None otherwise."""
+    if isinstance(spec, ModuleSpec):
+        spec = spec.module
+    elif isinstance(spec, functools.partial):
+        spec = spec.func
+    return spec if isinstance(spec, type) else None
+
+
+def is_moe_layer_spec(layer_spec) -> bool:
+    """True when a GPT layer spec's MLP is Megatron's MoELayer (or a subclass)."""
+    mlp = getattr(getattr(layer_spec, "submodules", None), "mlp", None)
+    built = _built_class(mlp)
+    return built is not None and issubclass(built, MoELayer)
+
+
+def experts_class(layer_spec) -> Optional[type]:
+    """The experts class a MoE layer spec builds (SequentialMLP, GroupedMLP, TEGroupedMLP)."""
     mlp = layer_spec.submodules.mlp
-    params = dict(placement=placement, moe_ordinal=moe_ordinal, gpus_per_node=gpus_per_node)
-    if isinstance(mlp, functools.partial) and issubclass(mlp.func, MoELayer):
-        folded = functools.partial(FoldedMoELayer, *mlp.args, **mlp.keywords, **params)
-    elif isinstance(mlp, ModuleSpec) and isinstance(mlp.module, type) and issubclass(mlp.module, MoELayer):
-        folded = dataclasses.replace(mlp, module=FoldedMoELayer, params={**mlp.params, **params})
-    else:
+    submodules = mlp.submodules if isinstance(mlp, ModuleSpec) else mlp.keywords.get("submodules")
+    return _built_class(getattr(submodules, "experts", None))
+
+
+def folded_layer_spec(layer_spec, placement, moe_ordinal: Dict[int, int], gpus_per_node: int):
+    """A copy of a Megatron GPT layer spec whose MoE layer is ``FoldedMoELayer``.
+
+    The folded layer builds one module per placement slot, so the spec's experts must be
+    SequentialMLP; grouped-GEMM experts are refused with FoldingError.
+    """
+    mlp = layer_spec.submodules.mlp
+    if not is_moe_layer_spec(layer_spec):
         raise TypeError(f"the layer spec's MLP is not a MoE layer: {mlp!r}")
+    experts = experts_class(layer_spec)
+    if experts is not None and not issubclass(experts, SequentialMLP):
+        raise FoldingError(f"the folded MoE layer needs SequentialMLP experts, the layer spec has "
+                           f"{experts.__name__} (grouped GEMM); build the spec without grouped GEMM")
+    params = dict(placement=placement, moe_ordinal=moe_ordinal, gpus_per_node=gpus_per_node)
+    if isinstance(mlp, functools.partial):
+        folded = functools.partial(FoldedMoELayer, *mlp.args, **mlp.keywords, **params)
+    else:
+        folded = dataclasses.replace(mlp, module=FoldedMoELayer, params={**mlp.params, **params})
     submodules = dataclasses.replace(layer_spec.submodules, mlp=folded)
     return dataclasses.replace(layer_spec, submodules=submodules)
 
