@@ -86,3 +86,29 @@ def test_expand_received_sorts_pairs_by_local_slot():
     rows, local, counts = expand_received(mask)
     assert list(zip(rows.tolist(), local.tolist())) == [(0, 0), (2, 0), (2, 1), (0, 2), (1, 2)]
     assert counts.tolist() == [2, 1, 2]
+
+
+def test_traffic_counters_total_dispatches_until_reset():
+    from folding.dispatcher.counters import TrafficCounters
+
+    # Own rank 2 on node 1: tokens 1, 4, 5 reach rank 2 (self), 3 on node 1, 0-1 on node 0.
+    m = routing([[1, 2], [3, 5], [2, 4], [4], [0, 7], [3, 4]])
+    chosen = choose_replicas(m, SLOTS, own_rank=2)
+    plan = plan_sends(chosen, 3, 4)
+    probs = m.float() / 2
+    probs[3, 4] = 0.0  # a pair dropped by capacity keeps its routing bit, not its weight
+    counters = TrafficCounters()
+    hidden = torch.zeros(6, 16)  # 64 bytes a row
+    for _ in range(2):
+        counters.record_dispatch(plan, m, probs, hidden, 2, SLOTS.rank_node, 2)
+        counters.record_received(5)
+    s = counters.summary()
+    counts = plan.send_counts
+    assert s["dispatches"] == 2
+    assert s["tokens_self"] == 2 * int(counts[2]) and s["tokens_node"] == 2 * int(counts[3])
+    assert s["tokens_remote"] == 2 * int(counts[0] + counts[1])
+    assert s["bytes_remote"] == s["tokens_remote"] * 64
+    assert s["pairs_routed"] == 2 * 10 and s["pairs_dropped"] == 2 * (12 - 10)
+    assert s["received"] == 10
+    counters.reset()
+    assert set(counters.summary().values()) == {0}

@@ -2,8 +2,8 @@
 
 Each dispatch records, for this rank: tokens and hidden-state bytes sent to itself, to other
 ranks of its node and to other nodes; (token, expert) pairs dropped by capacity; and tokens the
-rank received to compute. ``summary`` totals the steps; ``gather_summaries`` combines ranks
-(max and mean received tokens per rank).
+rank received to compute. ``summary`` gives the totals since the last ``reset`` (the trainer
+resets every step); ``combine_ranks`` combines ranks (max and mean pairs computed per rank).
 """
 
 from __future__ import annotations
@@ -19,9 +19,14 @@ FIELDS = ("tokens_self", "tokens_node", "tokens_remote", "bytes_self", "bytes_no
 
 @dataclass
 class TrafficCounters:
-    """Counters of one MoE layer on one rank; one dict per dispatch (micro-batch)."""
+    """Running totals of one MoE layer on one rank since the last ``reset``.
 
-    records: List[Dict[str, int]] = field(default_factory=list)
+    Totals, not one record per dispatch: under Megatron-LM's training loop nobody resets them,
+    and a list would grow with every micro-batch of every step.
+    """
+
+    totals: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(FIELDS, 0))
+    dispatches: int = 0
 
     def record_dispatch(self, plan, routing_map: torch.Tensor, probs: torch.Tensor,
                         hidden: torch.Tensor, own_rank: int, rank_node: torch.Tensor,
@@ -35,21 +40,22 @@ class TrafficCounters:
                   "remote": int(dest_counts[~same & ~node].sum())}
         # Pairs that survived capacity carry a weight; padding adds weightless pairs.
         kept = int((routing_map & (probs != 0)).sum())
-        record = {f"tokens_{k}": v for k, v in tokens.items()}
-        record.update({f"bytes_{k}": v * row_bytes for k, v in tokens.items()})
-        record.update(pairs_dropped=routing_map.shape[0] * topk - kept, pairs_routed=kept,
-                      received=0)
-        self.records.append(record)
+        for where, count in tokens.items():
+            self.totals[f"tokens_{where}"] += count
+            self.totals[f"bytes_{where}"] += count * row_bytes
+        self.totals["pairs_dropped"] += routing_map.shape[0] * topk - kept
+        self.totals["pairs_routed"] += kept
+        self.dispatches += 1
 
     def record_received(self, pairs: int) -> None:
-        if self.records:
-            self.records[-1]["received"] = pairs
+        self.totals["received"] += pairs
 
     def reset(self) -> None:
-        self.records.clear()
+        self.totals = dict.fromkeys(FIELDS, 0)
+        self.dispatches = 0
 
     def summary(self) -> Dict[str, int]:
-        return {f: sum(r[f] for r in self.records) for f in FIELDS} | {"dispatches": len(self.records)}
+        return dict(self.totals, dispatches=self.dispatches)
 
 
 def combine_ranks(per_rank: List[Dict[str, int]]) -> Dict[str, float]:
