@@ -74,34 +74,23 @@ def test_other_conventions_are_labelled_and_differ():
     assert palm.intervals[3].tflops_per_gpu != megatron.intervals[3].tflops_per_gpu
 
 
-def run_cli(capsys, *args):
-    """The command line in-process: (exit status, stdout, stderr)."""
-    from folding.cli import main
 
-    try:
-        code = main(list(args))
-    except SystemExit as e:  # argparse errors
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def test_cli_json_and_png(tmp_path, capsys):
+def test_cli_json_and_png(tmp_path, cli):
     png = tmp_path / "mfu.png"
-    code, out, err = run_cli(capsys, "mfu", str(LOG), "--recipe", "mixtral-8x22b", "--json",
+    code, out, err = cli("mfu", str(LOG), "--recipe", "mixtral-8x22b", "--json",
                              "--png", str(png))
     assert code == 0, err
     data = json.loads(out)
     assert data["summary"]["disagreements"] == 2
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    code, out, _ = run_cli(capsys, "mfu", str(LOG), "--recipe", "mixtral-8x22b", "--peak-tflops", "1000")
+    code, out, _ = cli("mfu", str(LOG), "--recipe", "mixtral-8x22b", "--peak-tflops", "1000")
     assert code == 0 and "DISAGREES" in out and "peak 1000" in out
 
 
-def test_cli_errors_are_one_line(tmp_path, capsys):
-    code, _, err = run_cli(capsys, "mfu", str(tmp_path / "nope.log"), "--recipe", "mixtral-8x22b")
+def test_cli_errors_are_one_line(tmp_path, cli):
+    code, _, err = cli("mfu", str(tmp_path / "nope.log"), "--recipe", "mixtral-8x22b")
     assert code == 2 and err.count("\n") == 1
     empty = tmp_path / "empty.log"
     empty.write_text("nothing here\n")
-    code, _, err = run_cli(capsys, "mfu", str(empty), "--recipe", "mixtral-8x22b")
+    code, _, err = cli("mfu", str(empty), "--recipe", "mixtral-8x22b")
     assert code == 2 and "no Megatron iteration lines" in err

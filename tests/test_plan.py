@@ -135,20 +135,9 @@ def test_more_memory_admits_more_foldings():
     assert len(large.rows) > len(small.rows)
 
 
-def run_cli(capsys, *args):
-    """The command line in-process: (exit status, stdout, stderr)."""
-    from folding.cli import main
 
-    try:
-        code = main(list(args))
-    except SystemExit as e:  # argparse errors
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def test_cli_plan_json_and_published_folding(capsys):
-    code, out, err = run_cli(capsys, "plan", "--recipe", "mixtral-8x22b", "--gpus", "128",
+def test_cli_plan_json_and_published_folding(cli):
+    code, out, err = cli("plan", "--recipe", "mixtral-8x22b", "--gpus", "128",
                              "--gpus-per-node", "8", "--gpu-mem-gb", "80", "--top", "5", "--json")
     assert code == 0, err
     data = json.loads(out)
@@ -156,15 +145,15 @@ def test_cli_plan_json_and_published_folding(capsys):
     assert data["ranked"][0]["step_time_s"] <= data["ranked"][-1]["step_time_s"]
     assert "--tensor-model-parallel-size" in data["best_flags"]
     assert data["recipe_folding_rank"] is not None
-    code, out, _ = run_cli(capsys, "plan", "--recipe", "qwen2-57b-a14b", "--gpus", "64",
+    code, out, _ = cli("plan", "--recipe", "qwen2-57b-a14b", "--gpus", "64",
                            "--gpus-per-node", "8", "--gpu-mem-gb", "80", "--top", "3", "--max-cp", "1")
     assert code == 0 and "Megatron flags of the best" in out and "recipe's folding" in out
 
 
-def test_cli_plan_errors_are_one_line(capsys):
-    code, _, err = run_cli(capsys, "plan", "--recipe", "mixtral-8x22b", "--gpus", "8",
+def test_cli_plan_errors_are_one_line(cli):
+    code, _, err = cli("plan", "--recipe", "mixtral-8x22b", "--gpus", "8",
                            "--gpus-per-node", "8", "--gpu-mem-gb", "80")
     assert code == 2 and err.count("\n") == 1 and "no folding" in err
-    code, _, err = run_cli(capsys, "plan", "--recipe", "mixtral-8x22b", "--gpus", "128",
+    code, _, err = cli("plan", "--recipe", "mixtral-8x22b", "--gpus", "128",
                            "--gpus-per-node", "8", "--gpu-mem-gb", "80", "--recompute", "sometimes")
     assert code == 2 and err.count("\n") == 1

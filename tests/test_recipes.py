@@ -147,27 +147,16 @@ def test_unrepresentable_order_is_refused():
         recipe_flags(odd)
 
 
-def run_cli(capsys, *args):
-    """The command line in-process: (exit status, stdout, stderr)."""
-    from folding.cli import main
 
-    try:
-        code = main(list(args))
-    except SystemExit as e:  # argparse errors
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def test_cli_flags_text_and_json(capsys):
-    code, out, err = run_cli(capsys, "flags", "--recipe", "deepseek-v3", "--json")
+def test_cli_flags_text_and_json(cli):
+    code, out, err = cli("flags", "--recipe", "deepseek-v3", "--json")
     assert code == 0, err
     data = json.loads(out)
     flags = data["flags"]
     assert flags[flags.index("--moe-layer-freq") + 1] == "([0]*3+[1]*58)"
     assert "--multi-latent-attention" in flags and data["env"] == {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
-    code, out, _ = run_cli(capsys, "flags", "--recipe", "qwen2-57b-a14b")
+    code, out, _ = cli("flags", "--recipe", "qwen2-57b-a14b")
     assert code == 0
     assert "--num-layers-per-virtual-pipeline-stage 1 \\" in out
-    code, _, err = run_cli(capsys, "flags", "--recipe", "no-such-model")
+    code, _, err = cli("flags", "--recipe", "no-such-model")
     assert code == 2 and err.count("\n") == 1
