@@ -234,13 +234,33 @@ class RankTrainer:
 
     def with_placement(self, placement) -> "RankTrainer":
         """The same model and optimizer state with experts moved to another placement (a
-        collective). Returns a new trainer; this one must not be stepped again."""
+        collective). Returns a new trainer; this one is closed."""
         state = self.full_state()
         other = RankTrainer(self.arch, self.training, self.spec, self.routing,
                             full_weights=state["model"], placement=placement)
         other.restore(state)
         other.traffic_steps = self.traffic_steps
+        self.close()
         return other
+
+    def close(self) -> None:
+        """Let go of the model, Megatron's DDP and optimizer, and the process groups they hold.
+
+        Once a backward pass has run, autograd's gradient accumulators (C++ objects the garbage
+        collector cannot see into) keep each DDP wrapper alive through the gradient hooks it
+        registered on them, and DDP holds the model, its buffers and every process group. A
+        process that builds trainers in turn (the checker, the memory measurements) would keep
+        them all, and their gloo threads, whose idle polling slowed every later case. Emptying
+        the wrappers breaks the chain. The trainer cannot be used afterwards.
+        """
+        for wrapper in self.ddp or []:
+            vars(wrapper).clear()
+        if self.config is not None:
+            self.config.finalize_model_grads_func = None
+            self.config.no_sync_func = None
+            self.config.grad_scale_func = None
+        self.ddp = self.chunks = self.optimizer = self.scheduler = self.config = None
+        self.params = {}
 
     # --------------------------------------------------------------------------- steps
     def step(self, micro_batches: List[Dict[str, torch.Tensor]], keep_grads: bool = False) -> StepResult:

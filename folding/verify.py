@@ -192,6 +192,7 @@ def _reference_rank(rank: int, world: int, cases: List[VerifyCase], paths: List[
                           "params": unshard([trainer.param_shard()], recipe.model, spec)})
         torch.save({"steps": steps, "drops": decisions.records}, out_path)
         decisions.uninstall()
+        trainer.close()
         destroy()
     return len(cases)
 
@@ -272,6 +273,7 @@ def _folded_case(rank: int, case: VerifyCase, reference_path: str):
                                             recipe.model, case.spec, rank, placement)})
     decisions.uninstall()
     traffic = trainer.traffic_report()
+    trainer.close()
     return {"steps": steps, "drops": decisions.check, "traffic": traffic}
 
 

@@ -240,9 +240,10 @@ def measure_case(rank: int, case: Case) -> Dict[str, Any]:
         saved, tokens = forward_activation_bytes(trainer, micro_batch)
         activations.append({"seq_length": seq_length, "micro_batch_size": micro_batch_size,
                             "bytes": saved, "expert_tokens": tokens})
+    elements = parameter_elements_by_kind(trainer.chunks)
+    trainer.close()
     return {"rank": rank, "pp_rank": spec.coordinates(rank)["attention"]["pp"],
-            "weights": dataclasses.asdict(weights),
-            "elements": parameter_elements_by_kind(trainer.chunks),
+            "weights": dataclasses.asdict(weights), "elements": elements,
             "activations": activations}
 
 
