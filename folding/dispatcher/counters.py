@@ -8,7 +8,6 @@ resets every step); ``combine_ranks`` combines ranks (max and mean pairs compute
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Dict, List
 
 import torch
@@ -17,45 +16,56 @@ FIELDS = ("tokens_self", "tokens_node", "tokens_remote", "bytes_self", "bytes_no
           "bytes_remote", "pairs_dropped", "pairs_routed", "received")
 
 
-@dataclass
 class TrafficCounters:
     """Running totals of one MoE layer on one rank since the last ``reset``.
 
     Totals, not one record per dispatch: under Megatron-LM's training loop nobody resets them,
-    and a list would grow with every micro-batch of every step.
+    and a list would grow with every micro-batch of every step. A dispatch only adds tensors
+    (rows per destination, kept pairs), on the data's device and without waiting for it;
+    ``summary`` turns them into numbers.
     """
 
-    totals: Dict[str, int] = field(default_factory=lambda: dict.fromkeys(FIELDS, 0))
-    dispatches: int = 0
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self._rows = self._bytes = self._kept = None
+        self._destination = None
+        self._pairs = self._received = self.dispatches = 0
 
     def record_dispatch(self, plan, routing_map: torch.Tensor, probs: torch.Tensor,
                         hidden: torch.Tensor, own_rank: int, rank_node: torch.Tensor,
                         topk: int) -> None:
-        dest_counts = plan.send_counts
-        same = torch.zeros_like(dest_counts, dtype=torch.bool)
-        same[own_rank] = True
-        node = (rank_node == rank_node[own_rank]) & ~same
-        row_bytes = hidden.shape[-1] * hidden.element_size()
-        tokens = {"self": int(dest_counts[same].sum()), "node": int(dest_counts[node].sum()),
-                  "remote": int(dest_counts[~same & ~node].sum())}
+        rows = plan.send_counts
+        if self._rows is None:
+            self._rows = torch.zeros_like(rows)
+            self._bytes = torch.zeros_like(rows)
+            self._kept = torch.zeros((), dtype=torch.long, device=routing_map.device)
+            # Each destination is this rank (0), another rank of its node (1) or another node (2).
+            self._destination = torch.where(rank_node == rank_node[own_rank], 1, 2)
+            self._destination[own_rank] = 0
+        self._rows += rows
+        self._bytes += rows * (hidden.shape[-1] * hidden.element_size())
         # Pairs that survived capacity carry a weight; padding adds weightless pairs.
-        kept = int((routing_map & (probs != 0)).sum())
-        for where, count in tokens.items():
-            self.totals[f"tokens_{where}"] += count
-            self.totals[f"bytes_{where}"] += count * row_bytes
-        self.totals["pairs_dropped"] += routing_map.shape[0] * topk - kept
-        self.totals["pairs_routed"] += kept
+        self._kept += (routing_map & (probs != 0)).sum()
+        self._pairs += routing_map.shape[0] * topk
         self.dispatches += 1
 
     def record_received(self, pairs: int) -> None:
-        self.totals["received"] += pairs
-
-    def reset(self) -> None:
-        self.totals = dict.fromkeys(FIELDS, 0)
-        self.dispatches = 0
+        self._received += pairs
 
     def summary(self) -> Dict[str, int]:
-        return dict(self.totals, dispatches=self.dispatches)
+        out = dict.fromkeys(FIELDS, 0)
+        if self._rows is not None:
+            for totals, kind in ((self._rows, "tokens"), (self._bytes, "bytes")):
+                by_class = torch.zeros(3, dtype=torch.long).index_add_(
+                    0, self._destination, totals.long().cpu())
+                for name, value in zip(("self", "node", "remote"), by_class.tolist()):
+                    out[f"{kind}_{name}"] = value
+            kept = int(self._kept)
+            out.update(pairs_routed=kept, pairs_dropped=self._pairs - kept)
+        out["received"] = self._received
+        return dict(out, dispatches=self.dispatches)
 
 
 def combine_ranks(per_rank: List[Dict[str, int]]) -> Dict[str, float]:

@@ -61,6 +61,8 @@ def choose_replicas(routing_map: torch.Tensor, slots: SlotMap, own_rank: int) ->
     tokens, experts = routing_map.shape
     slot_rank = slots.slot_rank
     replicas = slots.replicas
+    if not slots.replicated:  # one slot per expert: nothing to choose
+        return torch.where(routing_map, slots.single_slot.expand(tokens, experts), -1)
     single = routing_map & (slots.single_slot >= 0)
     chosen = torch.where(single, slots.single_slot.expand(tokens, experts), -1)
     sending = torch.zeros(tokens, slots.num_ranks, dtype=torch.bool)
@@ -113,24 +115,29 @@ class SendPlan:
 
 
 def plan_sends(chosen: torch.Tensor, slots_per_rank: int, num_ranks: int) -> SendPlan:
-    """Deduplicate: a token goes once to each distinct rank that hosts one of its chosen slots."""
+    """Deduplicate: a token goes once to each distinct rank that hosts one of its chosen slots.
+
+    Rows are the (destination, token) cells of a [P, T] mask in row-major order, so they come
+    grouped by destination and numbered by a running count, without sorting.
+    """
     pair_token, pair_expert = torch.nonzero(chosen >= 0, as_tuple=True)
     slot = chosen[pair_token, pair_expert]
     dest = slot // slots_per_rank
     tokens = chosen.shape[0]
-    key = dest * tokens + pair_token
-    unique_keys, pair_row = torch.unique(key, sorted=True, return_inverse=True)
-    row_dest = unique_keys // tokens
-    return SendPlan(row_token=unique_keys % tokens,
-                    send_counts=torch.bincount(row_dest, minlength=num_ranks),
-                    pair_row=pair_row, pair_local_slot=slot % slots_per_rank,
+    cell = dest * tokens + pair_token
+    sent = torch.zeros(num_ranks * tokens, dtype=torch.bool)
+    sent[cell] = True
+    row_of_cell = torch.cumsum(sent, 0) - 1
+    row_cells = torch.nonzero(sent).flatten()
+    return SendPlan(row_token=row_cells % tokens,
+                    send_counts=sent.view(num_ranks, tokens).sum(dim=1),
+                    pair_row=row_of_cell[cell], pair_local_slot=slot % slots_per_rank,
                     pair_token=pair_token, pair_expert=pair_expert)
 
 
 def expand_received(row_mask: torch.Tensor):
     """Pairs to compute on this rank from received rows: (row, local slot) where routed, sorted
     by local slot then row, and the number of pairs per local slot."""
-    rows, local = torch.nonzero(row_mask, as_tuple=True)
-    order = torch.argsort(local * max(row_mask.shape[0], 1) + rows)
-    rows, local = rows[order], local[order]
-    return rows, local, torch.bincount(local, minlength=row_mask.shape[1])
+    # The transposed mask's nonzero cells come in (local slot, row) order already.
+    local, rows = torch.nonzero(row_mask.t(), as_tuple=True)
+    return rows, local, row_mask.sum(dim=0)

@@ -83,22 +83,29 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.ep_group)
         self.input_splits, self.output_splits = send.tolist(), recv.tolist()
-        received = all_to_all(self.ep_group, hidden_states, self.output_splits, self.input_splits)
-        # Weights and the routed-pair mask travel together, in the weights' dtype (0/1 is exact).
+        # Weights and the routed-pair mask travel together, in the weights' dtype (0/1 is exact);
+        # in the hidden states' message too when the dtypes agree (fp32), one collective fewer.
         payload = torch.cat([probs, self.row_mask.to(probs.dtype)], dim=1)
-        received_payload = all_to_all(self.ep_group, payload, self.output_splits, self.input_splits)
+        together = payload.dtype == hidden_states.dtype
+        hidden_width = hidden_states.shape[-1]
+        messages = ([torch.cat([hidden_states, payload], dim=1)] if together
+                    else [hidden_states, payload])
+        messages = [all_to_all(self.ep_group, m, self.output_splits, self.input_splits)
+                    for m in messages]
         if self.tp_size > 1:
             from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
-            device = received.device
+            device = messages[0].device
             counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(self.tp_size)]
-            dist.all_gather(counts, torch.tensor([received.shape[0]], device=device),
+            dist.all_gather(counts, torch.tensor([messages[0].shape[0]], device=device),
                             group=self.tp_group)
             self.tp_splits = [int(c) for c in counts]
-            received = gather_from_sequence_parallel_region(
-                received, group=self.tp_group, output_split_sizes=self.tp_splits)
-            received_payload = gather_from_sequence_parallel_region(
-                received_payload, group=self.tp_group, output_split_sizes=self.tp_splits)
+            messages = [gather_from_sequence_parallel_region(
+                m, group=self.tp_group, output_split_sizes=self.tp_splits) for m in messages]
+        if together:
+            received, received_payload = messages[0].split([hidden_width, 2 * self.slots_per_rank], dim=1)
+        else:
+            received, received_payload = messages
         received_probs, received_mask = received_payload.split(self.slots_per_rank, dim=1)
         received_mask = received_mask.detach() != 0
         self.received_mask = received_mask
