@@ -136,10 +136,16 @@ def destroy() -> None:
     every folding left about 45 threads per rank behind, and each later one ran slower.
     """
     from megatron.core import parallel_state as ps
-    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
 
     ps.destroy_model_parallel()
-    get_moe_layer_wise_logging_tracker().clear()
+    try:  # megatron-core 0.19: a tracker object
+        from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
+
+        destroy_moe_metrics_tracker()
+    except ImportError:  # 0.16: a module-level dict
+        from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+        get_moe_layer_wise_logging_tracker().clear()
     for name in ("_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP",
                  "_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP_GLOO"):
         if hasattr(ps, name):

@@ -6,9 +6,10 @@ of its experts, with a row of routing weights for that rank's local slots; the r
 the row into one input per local expert, runs the experts, sums the token's outputs and sends
 one row back. Expert e may live in any slot, or several (replicas), as a ``Placement`` says.
 
-Communication: all-to-all over the EP group (hidden states and, separately, the weights in
-their own dtype), then, with ETP > 1, an all-gather of the received rows over the expert-TP
-group and a reduce-scatter of the outputs: the same collectives as Megatron's alltoall
+Communication: all-to-all over the EP group (hidden states with the weights and the routed-pair
+mask appended when they share a dtype, else the weights in their own message, so 16-bit hidden
+states never round fp32 weights), then, with ETP > 1, an all-gather of the received rows over
+the expert-TP group and a reduce-scatter of the outputs: the same collectives as Megatron's alltoall
 dispatcher, through Megatron's own autograd-aware mappings, so it runs on NCCL and on gloo
 (with the CPU runtime) unchanged. Token dropping happens in Megatron's router before dispatch,
 so capacity, drop policies and padding behave exactly as with Megatron's dispatchers.
