@@ -30,8 +30,10 @@ ACTIVATION_TOLERANCE = 0.15
 
 
 def on_ranks(test):
-    """Marks a check that reads the 8-rank measurements (megatron-core, gloo processes)."""
-    for mark in (pytest.mark.megatron, pytest.mark.multiprocess, pytest.mark.slow):
+    """Marks a check that reads the 8-rank measurements (megatron-core, gloo processes); the
+    first one waits for the spawn that measures every case (the limit is for a hang)."""
+    for mark in (pytest.mark.megatron, pytest.mark.multiprocess, pytest.mark.slow,
+                 pytest.mark.timeout(1800)):
         test = mark(test)
     return test
 

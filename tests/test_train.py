@@ -15,7 +15,8 @@ from folding.errors import FoldingError
 from folding.recipe import load_recipe
 from folding.weights import full_param_shapes
 
-pytestmark = [pytest.mark.megatron, pytest.mark.multiprocess, pytest.mark.slow]
+# One module fixture spawns every case; the limit is for a hang, not for a slow machine.
+pytestmark = [pytest.mark.megatron, pytest.mark.multiprocess, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 def folding_train(*argv, env=None):

@@ -13,7 +13,8 @@ from folding.recipe import load_recipe
 from folding.verify import VerifyCase, verify_many
 from folding.weights import full_param_shapes
 
-pytestmark = [pytest.mark.megatron, pytest.mark.multiprocess, pytest.mark.slow]
+# One module fixture spawns every case; the limit is for a hang, not for a slow machine.
+pytestmark = [pytest.mark.megatron, pytest.mark.multiprocess, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 FOLDINGS = {
     "TP2 DP4 | ETP1 EP4 EDP2": dict(tp=2, ep=4, etp=1),
