@@ -1,6 +1,8 @@
 import os
 import sys
+import typing
 import warnings
+from types import SimpleNamespace
 
 import pytest
 
@@ -8,6 +10,8 @@ import pytest
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(__file__))
+if not hasattr(typing, "override"):  # megatron.training uses Python 3.12's typing.override
+    typing.override = lambda f: f
 
 
 @pytest.fixture
@@ -24,3 +28,20 @@ def cli(capsys):
         return code, out.out, out.err
 
     return run
+
+
+@pytest.fixture
+def megatron_arguments(monkeypatch):
+    """``megatron.training.arguments``, with the GPU questions of ``validate_args`` answered for
+    an H100 (compute capability 9.0, the GPUs the flags are for); skipped without
+    ``megatron.training``."""
+    arguments = pytest.importorskip(
+        "megatron.training.arguments",
+        reason="megatron.training is not installed (megatron-core 0.16.1's wheel has no "
+               "megatron/training; the megatron-core 0.19.2 job runs this)")
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda *a, **k: SimpleNamespace(major=9, minor=0, name="H100"))
+    return arguments

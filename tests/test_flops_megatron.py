@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import typing
 from fractions import Fraction
 from types import SimpleNamespace
 
@@ -27,8 +26,6 @@ from folding.recipe import ModelArch, list_recipes, load_recipe
 
 pytestmark = pytest.mark.megatron
 
-if not hasattr(typing, "override"):  # megatron.training uses Python 3.12's typing.override
-    typing.override = lambda f: f
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,8 @@ import os
 import re
 import subprocess
 import sys
-import typing
 from contextlib import redirect_stdout
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -26,8 +24,6 @@ from folding.errors import FoldingError, InvalidFolding
 from folding.mesh import FoldingSpec
 from folding.placement.placement import Placement
 
-if not hasattr(typing, "override"):  # megatron.training uses Python 3.12's typing.override
-    typing.override = lambda f: f
 
 ROOT = Path(__file__).resolve().parent.parent
 PATCHES = sorted((ROOT / "patches").glob("megatron-lm-*.patch"))
@@ -121,21 +117,6 @@ def test_a_bad_folding_is_refused_with_the_folding_spec_message(changes, degrees
     with pytest.raises(InvalidFolding) as direct:
         FoldingSpec(**{**facts, **degrees})
     assert str(from_args.value) == str(direct.value)
-
-
-@pytest.fixture
-def megatron_arguments(monkeypatch):
-    arguments = pytest.importorskip(
-        "megatron.training.arguments",
-        reason="megatron.training is not installed (megatron-core 0.16.1's wheel has no "
-               "megatron/training; the megatron-core 0.19.2 job runs this)")
-    import torch
-
-    # validate_args asks the GPU for its compute capability: the flags are for H100/H200.
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))
-    monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda *a, **k: SimpleNamespace(major=9, minor=0, name="H100"))
-    return arguments
 
 
 def _parse_with_megatron(arguments, monkeypatch, recipe, extra):

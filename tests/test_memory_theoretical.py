@@ -9,7 +9,6 @@ megatron-core 0.19.2 job (0.16.1's wheel has no megatron/training).
 from __future__ import annotations
 
 import math
-import typing
 from types import SimpleNamespace
 
 import pytest
@@ -21,8 +20,6 @@ from folding.recipe import ModelArch, TrainingSetup
 
 pytestmark = pytest.mark.megatron
 
-if not hasattr(typing, "override"):  # megatron.training uses Python 3.12's typing.override
-    typing.override = lambda f: f
 
 
 @pytest.fixture(scope="module")

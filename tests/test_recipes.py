@@ -7,9 +7,7 @@ import dataclasses
 import io
 import json
 import sys
-import typing
 from contextlib import redirect_stdout
-from types import SimpleNamespace
 
 import pytest
 
@@ -76,32 +74,20 @@ def test_a_recipe_that_does_not_fit_is_caught():
 
 
 # ----------------------------------------------------------------------------- flags
-if not hasattr(typing, "override"):  # megatron.training uses Python 3.12's typing.override
-    typing.override = lambda f: f
 
 
 @pytest.fixture
-def megatron_arguments(monkeypatch):
-    arguments = pytest.importorskip(
-        "megatron.training.arguments",
-        reason="megatron.training is not installed (megatron-core 0.16.1's wheel has no "
-               "megatron/training; the megatron-core 0.19.2 job runs this)")
+def megatron_flops(megatron_arguments):
+    """Megatron's argument parser, FLOPs count and vocabulary padding."""
     training = pytest.importorskip("megatron.training.training")
     vocab = pytest.importorskip("megatron.training.vocab_utils")
-    import torch
-
-    # validate_args asks the GPU for its compute capability (grouped GEMM, TE checks): the flags
-    # are for H100/H200 (compute capability 9.0).
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))
-    monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda *a, **k: SimpleNamespace(major=9, minor=0, name="H100"))
-    return arguments, training.num_floating_point_operations, vocab.calculate_padded_vocab_size
+    return megatron_arguments, training.num_floating_point_operations, vocab.calculate_padded_vocab_size
 
 
 @pytest.mark.megatron
 @pytest.mark.parametrize("name", RECIPES)
-def test_flags_parse_validate_and_give_the_same_flops(name, megatron_arguments, monkeypatch):
-    arguments, flops_fn, pad_vocab = megatron_arguments
+def test_flags_parse_validate_and_give_the_same_flops(name, megatron_flops, monkeypatch):
+    arguments, flops_fn, pad_vocab = megatron_flops
     r = load_recipe(name)
     monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py"] + recipe_flags(r))
     for key, value in launch_environment(r.folding).items():
@@ -127,9 +113,9 @@ def test_flags_parse_validate_and_give_the_same_flops(name, megatron_arguments, 
 
 
 @pytest.mark.megatron
-def test_flags_of_a_changed_model_give_other_flops(megatron_arguments, monkeypatch):
+def test_flags_of_a_changed_model_give_other_flops(megatron_flops, monkeypatch):
     """The end-to-end check can fail: flags of a recipe with top-k 3 against our top-k 2."""
-    arguments, flops_fn, pad_vocab = megatron_arguments
+    arguments, flops_fn, pad_vocab = megatron_flops
     r = load_recipe("mixtral-8x7b")
     changed = dataclasses.replace(r, model=dataclasses.replace(r.model, moe_router_topk=3))
     monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py"] + recipe_flags(changed))
