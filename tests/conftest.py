@@ -1,6 +1,5 @@
 import os
 import sys
-import typing
 import warnings
 from types import SimpleNamespace
 
@@ -10,8 +9,7 @@ import pytest
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(__file__))
-if not hasattr(typing, "override"):  # megatron.training uses Python 3.12's typing.override
-    typing.override = lambda f: f
+import megatron_training_shim  # noqa: E402,F401 - before any test imports megatron.training
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ import sys
 from contextlib import redirect_stdout
 from pathlib import Path
 
+import megatron_training_shim  # noqa: F401 - the spawned ranks build through megatron.training
 import numpy as np
 import pytest
 
