@@ -103,6 +103,7 @@ def test_exit_status_from_the_shell(trace_file, tmp_path):
     (["--ep-size", "3", "--out", "x.json"], "ep_size=3 does not divide num_experts=16"),
     (["--out", "x.json"], "--ep-size and --out are required"),
     (["--ep-size", "4", "--out", "x.json", "--time-limit", "0"], "--time-limit must be positive"),
+    (["--ep-size", "4", "--out", "x.json", "--workers", "0"], "--workers must be at least 1"),
     (["--ep-size", "4", "--out", "x.json", "--max-moved", "2"], "--max-moved must lie in [0, 1]"),
     (["--ep-size", "4", "--out", "x.json", "--solver", "exflow", "--redundant", "1"], "places no replicas"),
     (["--ep-size", "4", "--out", "x.json", "--redundant", "1", "--certify"], "--redundant 0"),

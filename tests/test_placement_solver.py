@@ -13,7 +13,7 @@ from folding.placement.metrics import evaluate
 from folding.placement.milp import solve_milp
 from folding.placement.packing import balanced_packing, replica_counts
 from folding.placement.placement import Placement
-from folding.placement.search import LayerSearch, balance_bound, expected_excess
+from folding.placement.search import LayerSearch, balance_bound, best_first, expected_excess
 from folding.placement.solver import align_ranks, solve
 from folding.placement.synth import SynthSpec, synthesize
 from folding.placement.trace import RoutingTrace
@@ -102,7 +102,15 @@ def test_swaps_keep_the_incremental_state_exact():
     assert np.allclose(search.rank_affinity, fresh.rank_affinity)
     assert np.allclose(search.node_affinity, fresh.node_affinity)
     assert np.allclose(search.rank_inner, fresh.rank_inner)
+    assert np.array_equal(search.rank_affinity_t, search.rank_affinity.T)  # the copy gains() reads
     assert search.cost() == pytest.approx(fresh.cost())
+
+
+def test_best_first_orders_like_a_stable_sort():
+    rng = np.random.default_rng(5)
+    for size, count in ((10, 20), (1000, 7), (5000, 300)):
+        values = rng.integers(0, 50, size).astype(float)  # many ties, also at the cut
+        assert np.array_equal(best_first(values, count), np.argsort(-values, kind="stable")[:count])
 
 
 def test_improve_reaches_a_swap_local_optimum_and_respects_the_budget():
@@ -274,6 +282,18 @@ def test_align_ranks_finds_the_best_relabelling():
     assert all((ranks[v] == ranks[u]) == (aligned[v] == aligned[u]) for v in range(12) for u in range(12))
     assert all((nodes[ranks[v]] == nodes[ranks[u]]) == (nodes[aligned[v]] == nodes[aligned[u]])
                for v in range(12) for u in range(12))
+
+
+def test_training_layers_in_worker_processes_equal_one_process():
+    trace = synthesize(SynthSpec(32, 4, 3000, 4, coactivation=0.9, group_size=8))
+    alone = solve(trace, 8, 4, "training", redundant=1, workers=1)
+    side_by_side = solve(trace, 8, 4, "training", redundant=1, workers=2)
+    assert np.array_equal(side_by_side.placement.layers, alone.placement.layers)
+    assert "worker_cpu_seconds" not in alone.info
+    assert 1 <= len(side_by_side.info["worker_cpu_seconds"]) <= 2
+    late = solve(trace, 8, 4, "training", time_limit=1e-6, workers=2)
+    late.placement.validate(num_experts=32, num_layers=4)
+    assert late.info["stopped_at_layer"] == 0
 
 
 def test_time_limit_still_returns_a_valid_placement():

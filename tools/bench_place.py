@@ -160,17 +160,25 @@ def speed_section(quick: bool) -> dict:
         for objective in ("training", "inference"):
             for redundant in (0, 1):
                 start, cpu_start = time.perf_counter(), time.process_time()
-                solve(fit, ep_size, 8, objective, redundant)
-                seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+                result = solve(fit, ep_size, 8, objective, redundant)
+                seconds, own_cpu = time.perf_counter() - start, time.process_time() - cpu_start
+                # With worker processes the solve takes as long as its busiest process: the
+                # caller's own CPU time plus the largest worker's.
+                workers = result.info.get("worker_cpu_seconds", [])
+                cpu = own_cpu + max(workers, default=0.0)
                 record = {"case": name, "fit_tokens": fit.num_tokens, "objective": objective,
                           "redundant": redundant, "wall_seconds": seconds, "cpu_seconds": cpu,
+                          "cpu_total_seconds": own_cpu + sum(workers), "processes": max(1, len(workers)),
                           "limit": limit, "met": cpu <= limit}
                 out.append(record)
-                rows.append([name, fit.num_tokens, objective, redundant, f"{cpu:.2f}", f"{seconds:.2f}",
-                             f"{limit:.0f}", "met" if record["met"] else "NOT MET"])
+                rows.append([name, fit.num_tokens, objective, redundant, record["processes"], f"{cpu:.2f}",
+                             f"{record['cpu_total_seconds']:.2f}", f"{seconds:.2f}", f"{limit:.0f}",
+                             "met" if record["met"] else "NOT MET"])
     load = os.getloadavg()[0]
-    print(f"\n== Solve time, one thread (CPU seconds decide; wall seconds under a load average of {load:.1f})")
-    print(table(["case", "tokens", "objective", "R", "cpu s", "wall s", "limit", "target"], rows))
+    print("\n== Solve time on 2 cores, one thread per process (the busiest process's CPU seconds "
+          f"decide; wall seconds under a load average of {load:.1f})")
+    print(table(["case", "tokens", "objective", "R", "processes", "cpu s", "cpu total", "wall s", "limit",
+                 "target"], rows))
     return {"cases": out, "load_average": load}
 
 

@@ -29,6 +29,9 @@ def register(sub) -> None:
                    help="training: fewest nodes then ranks per token; inference: fewest layer-to-layer hops")
     p.add_argument("--solver", choices=SOLVERS, default="folding", help="placement written to --out")
     p.add_argument("--time-limit", type=float, default=60.0, help="seconds for the folding solver")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes placing training layers side by side (default: every core on "
+                        "large instances, else 1)")
     p.add_argument("--previous", metavar="PLACEMENT",
                    help="placement in use: re-solve moving at most --max-moved of the slots")
     p.add_argument("--max-moved", type=float, default=0.1, help="share of slots --previous may move")
@@ -50,6 +53,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise FoldingError("--ep-size and --out are required (or give --eval PLACEMENT)")
     if args.time_limit <= 0 or not math.isfinite(args.time_limit):
         raise FoldingError(f"--time-limit must be positive, not {args.time_limit}")
+    if args.workers is not None and args.workers < 1:
+        raise FoldingError(f"--workers must be at least 1, not {args.workers}")
     if not 0.0 <= args.max_moved <= 1.0:
         raise FoldingError(f"--max-moved must lie in [0, 1], not {args.max_moved}")
     if args.balance_slack is not None and args.balance_slack < 0:
@@ -119,7 +124,8 @@ def run_solve(args: argparse.Namespace, trace, score) -> int:
     slack = DEFAULT_BALANCE_SLACK if args.balance_slack is None else args.balance_slack
     previous = Placement.load(args.previous) if args.previous else None
     results = {"folding": solve(trace, args.ep_size, args.gpus_per_node, args.objective, args.redundant,
-                                args.time_limit, previous, args.max_moved, slack, progress=progress)}
+                                args.time_limit, previous, args.max_moved, slack, progress=progress,
+                                workers=args.workers)}
     for name in SOLVERS[1:]:
         results[name] = run_baseline(name, trace, args.ep_size, args.gpus_per_node,
                                      args.redundant if name == "eplb" else 0, args.time_limit, progress)

@@ -115,15 +115,24 @@ class LayerSearch:
         self.rank_weight = rank_weight
         self.node_weight = node_weight if self.num_nodes > 1 else 0.0
         self.linear = linear
+        self.linear_t = None if linear is None else np.ascontiguousarray(linear.T)
         self.home = None if home is None else np.asarray(home, dtype=np.int64)
         self.max_moved = max_moved
         self.noise = noise
+        self._gain_buffers: Optional[np.ndarray] = None
         self.tolerance = 1e-9 * max(1.0, float(self.item_load.sum()))
         self.rank_load = np.bincount(self.rank, weights=self.item_load, minlength=self.num_ranks)
         if affinity is not None:
             # rank_affinity[v, r]: affinity of item v to the items on rank r (node likewise).
             self.rank_affinity = host_sums(affinity, self.rank, self.num_ranks)
             self.node_affinity = host_sums(self.rank_affinity, self.rank_nodes, self.num_nodes)
+            # The same table rank-major, kept equal bit for bit: ``gains`` reads it by rows
+            # where the other would be read by columns.
+            self.rank_affinity_t = np.ascontiguousarray(self.rank_affinity.T)
+            # The pair terms of every swap gain (``gains``), computed once per layer.
+            if self.rank_weight or self.node_weight:
+                self.pair_cost = (2.0 * (self.rank_weight + self.node_weight)) * affinity
+                self.pair_node_refund = (2.0 * self.node_weight) * affinity if self.node_weight else None
         self.rank_inner = rank_inner_affinity(self.rank, self.num_ranks, affinity,
                                               getattr(self, "rank_affinity", None))
 
@@ -153,7 +162,8 @@ class LayerSearch:
         return total
 
     def gains(self) -> np.ndarray:
-        """[V, V]: cost reduction of swapping items v and u (-inf where not a swap).
+        """[V, V]: cost reduction of swapping items v and u (-inf where not a swap); the array
+        is reused by the next call.
 
         Every term has the form value[v, host of u] + value[u, host of v] - value[v, own host]
         - value[u, own host] (``pair_gain``), so the rank, node and linear terms are summed into
@@ -162,22 +172,35 @@ class LayerSearch:
         """
         rank = self.rank
         V = len(rank)
+        # value[v, r] and value_t[r, v] hold the same numbers, computed the same way, so that
+        # both gathers below read rows; value[:, rank] + its transpose would cost a strided pass.
         value = np.zeros((V, self.num_ranks))
-        if self.affinity is not None:
+        value_t = np.zeros((self.num_ranks, V))
+        # Affinity enters only with a weight (the inference search passes it for balance only).
+        paired = self.affinity is not None and (self.rank_weight or self.node_weight)
+        if paired:
             value += self.rank_weight * self.rank_affinity
+            value_t += self.rank_weight * self.rank_affinity_t
             if self.node_weight:
                 value += self.node_weight * self.node_affinity[:, self.rank_nodes]
+                value_t += self.node_weight * np.ascontiguousarray(self.node_affinity.T)[self.rank_nodes]
         if self.linear is not None:
             value -= self.linear
+            value_t -= self.linear_t
         items = np.arange(V)
-        gain = pair_gain(value[:, rank], value[items, rank], None)
-        if self.affinity is not None:
-            gain -= (2.0 * (self.rank_weight + self.node_weight)) * self.affinity
+        if self._gain_buffers is None:
+            # Reused: a fresh [V, V] array per call costs more in page faults than the arithmetic.
+            self._gain_buffers = np.empty((2, V, V))
+        to_partner, from_partner = self._gain_buffers
+        np.take(value, rank, axis=1, out=to_partner)
+        np.take(value_t, rank, axis=0, out=from_partner)
+        gain = pair_gain(to_partner, value[items, rank], None, from_partner, out=to_partner)
+        if paired:
+            gain -= self.pair_cost
             if self.node_weight:
                 node = self.rank_nodes[rank]
-                np.add(gain, (2.0 * self.node_weight) * self.affinity, out=gain,
-                       where=node[:, None] == node[None, :])
-        gain[rank[:, None] == rank[None, :]] = NEGATIVE
+                np.add(gain, self.pair_node_refund, out=gain, where=node[:, None] == node[None, :])
+        np.copyto(gain, NEGATIVE, where=rank[:, None] == rank[None, :])
         return gain
 
     def excess_change(self, v: Optional[np.ndarray] = None, u: Optional[np.ndarray] = None) -> np.ndarray:
@@ -216,6 +239,8 @@ class LayerSearch:
             delta = self.affinity[:, u] - self.affinity[:, v]
             self.rank_affinity[:, ra] += delta
             self.rank_affinity[:, rb] -= delta
+            self.rank_affinity_t[ra] += delta
+            self.rank_affinity_t[rb] -= delta
             na, nb = self.rank_nodes[ra], self.rank_nodes[rb]
             if na != nb:
                 self.node_affinity[:, na] += delta
@@ -268,7 +293,11 @@ class LayerSearch:
         hard budget the excess change is computed for the improving swaps only.
         """
         V = len(self.rank)
-        lower = ~np.triu(np.ones((V, V), dtype=bool), 1)
+
+        def upper(flat: np.ndarray) -> np.ndarray:
+            # Gains are symmetric: each swap once, as (v, u) with v < u.
+            return flat[flat // V < flat % V]
+
         total = 0.0
         # Rounds that gain less than this share of the cost are not worth their price on
         # large layers; the last of them is still applied.
@@ -277,24 +306,23 @@ class LayerSearch:
             if deadline is not None and time.perf_counter() > deadline:
                 break
             gain = self.gains()
-            gain[lower] = NEGATIVE
             moves = self._moves_after()
             if moves is not None:
-                gain[self.moved + moves > self.max_moved] = NEGATIVE
+                np.copyto(gain, NEGATIVE, where=self.moved + moves > self.max_moved)
             room = np.inf
             if price:
                 # A swap cannot lower the excess by more than its two ranks hold now, which
                 # rules out most pairs before their excess change is computed.
                 held = expected_excess(self.rank_load, self.rank_inner, self.threshold, self.noise)[self.rank]
                 gain = gain.ravel()
-                candidates = np.flatnonzero(gain + price * (held[:, None] + held[None, :]).ravel() > self.tolerance)
+                candidates = upper(np.flatnonzero(gain + price * (held[:, None] + held[None, :]).ravel() > self.tolerance))
                 change = self.excess_change(*np.divmod(candidates, V))
                 gain[candidates] -= price * change
                 keep = gain[candidates] > self.tolerance
                 candidates, change = candidates[keep], change[keep]
             else:
                 gain = gain.ravel()
-                candidates = np.flatnonzero(gain > self.tolerance)
+                candidates = upper(np.flatnonzero(gain > self.tolerance))
                 change = np.zeros(len(candidates))
                 if price is None and self.constrained and len(candidates):
                     room = self.excess_budget - self.excess()
@@ -307,7 +335,7 @@ class LayerSearch:
                     break
                 total += exchanged
                 continue
-            order = np.argsort(-gain[candidates], kind="stable")[:4 * self.num_ranks]
+            order = best_first(gain[candidates], 4 * self.num_ranks)
             applied = self._apply_disjoint(candidates[order], gain[candidates[order]], change[order], room, moves)
             total += applied
             if applied < small_round:
@@ -453,15 +481,31 @@ class LayerSearch:
         return applied
 
 
+def best_first(values: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the ``count`` largest values, largest first; ties in index order, as a stable
+    sort of all values would give them."""
+    if len(values) > 2 * count:
+        # Everything at least as large as the count-th value takes part in the sort, so ties
+        # at the cut keep their index order.
+        cut = np.partition(values, len(values) - count)[len(values) - count]
+        keep = np.flatnonzero(values >= cut)
+        return keep[np.argsort(-values[keep], kind="stable")][:count]
+    return np.argsort(-values, kind="stable")[:count]
+
+
 def pair_gain(to_partner_host: np.ndarray, to_own_host: np.ndarray,
-              affinity: Optional[np.ndarray]) -> np.ndarray:
+              affinity: Optional[np.ndarray], from_partner_host: Optional[np.ndarray] = None,
+              out: Optional[np.ndarray] = None) -> np.ndarray:
     """[V, V]: change of co-located value when v and u trade hosts.
 
     ``to_partner_host[v, u]`` is v's value on u's host, ``to_own_host[v]`` v's value on its own
     host; with ``affinity``, the pair itself never shares a host before or after, hence the -2
-    affinity term.
+    affinity term. ``from_partner_host``, the transpose of ``to_partner_host`` laid out by rows,
+    saves transposing it here; ``out`` (which may be ``to_partner_host``) receives the gains.
     """
-    gain = to_partner_host + to_partner_host.T
+    if from_partner_host is None:
+        from_partner_host = to_partner_host.T
+    gain = np.add(to_partner_host, from_partner_host, out=out)
     gain -= to_own_host[:, None]
     gain -= to_own_host[None, :]
     if affinity is not None:
