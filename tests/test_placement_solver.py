@@ -251,6 +251,23 @@ def test_solver_beats_baselines_on_structured_traces():
     assert infer.x_gpu < 0.5 * base.x_gpu
 
 
+def test_the_large_instance_shortcuts_keep_quality(monkeypatch):
+    from folding.placement import solver
+
+    trace = synthesize(SynthSpec(32, 4, 4000, 4, coactivation=0.9, affinity=0.9, group_size=8, seed=5))
+    base = evaluate(contiguous(trace, 8, 4).placement, trace)
+    small = {objective: solve(trace, 8, 4, objective) for objective in ("training", "inference")}
+    monkeypatch.setattr(solver, "LARGE_INSTANCE", 1)  # every instance counts as large
+    large = {objective: solve(trace, 8, 4, objective) for objective in ("training", "inference")}
+    # training: the same layers, from worker processes where there are two cores
+    assert np.array_equal(large["training"].placement.layers, small["training"].placement.layers)
+    assert ("worker_cpu_seconds" in large["training"].info) == (solver.default_workers(4, 32) > 1)
+    # inference: later passes only swap, and the result still beats contiguous by far
+    fast = evaluate(large["inference"].placement, trace)
+    assert fast.x_gpu < 0.5 * base.x_gpu
+    assert fast.cost("inference") <= 1.1 * evaluate(small["inference"].placement, trace).cost("inference")
+
+
 def test_warm_start_moves_at_most_the_budget_and_keeps_quality():
     spec = dict(num_experts=32, num_layers=3, num_tokens=4000, top_k=4, coactivation=0.9, group_size=8)
     before = synthesize(SynthSpec(**spec))
