@@ -44,7 +44,7 @@ from folding.placement.trace import RoutingTrace
 DEFAULT_BALANCE_SLACK = 0.0125
 """How far the bound on the expected peak load may rise over balanced packing's. Measured by
 ``tools/bench_place.py``: 0.75% left D_gpu at 0.82x contiguous with one replica per rank at 64
-ranks; 1.25% reaches 0.78x while every case keeps B within 0.009 of EPLB-style (1.5% loses 0.010)."""
+ranks; 1.25% reaches 0.77x while every case keeps B within 0.009 of EPLB-style (1.5% loses 0.010)."""
 
 
 @dataclass
