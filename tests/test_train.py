@@ -61,11 +61,12 @@ def test_resume_under_another_folding(runs, second):
     reference = runs["whole"]["losses"][20:]
     resumed = runs[second]["losses"]
     rel = [abs(a - b) / b for a, b in zip(resumed, reference)]
-    # The first step after re-sharding computes the same function from the same state.
-    assert rel[0] <= 1e-5
-    # Later steps drift apart by rounding: one token routed to another expert at a near tie is
-    # enough. They stay close; the closing note of the issue gives the measured drift.
-    assert max(rel) <= 1e-2
+    # Re-sharded, the same function from the same state: every step within folding verify's
+    # loss tolerance (measured: at most 6e-8 over the 20 steps, rounding of another reduction
+    # order). A near-tie that routes one token to another expert would break this; none occurs
+    # on this corpus and seed.
+    assert len(rel) == 20
+    assert max(rel) <= 1e-5
 
 
 def test_checkpoint_holds_the_full_model(runs):
