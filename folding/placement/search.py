@@ -119,7 +119,6 @@ class LayerSearch:
         self.home = None if home is None else np.asarray(home, dtype=np.int64)
         self.max_moved = max_moved
         self.noise = noise
-        self._gain_buffers: Optional[np.ndarray] = None
         self.tolerance = 1e-9 * max(1.0, float(self.item_load.sum()))
         self.rank_load = np.bincount(self.rank, weights=self.item_load, minlength=self.num_ranks)
         if affinity is not None:
@@ -162,8 +161,7 @@ class LayerSearch:
         return total
 
     def gains(self) -> np.ndarray:
-        """[V, V]: cost reduction of swapping items v and u (-inf where not a swap); the array
-        is reused by the next call.
+        """[V, V]: cost reduction of swapping items v and u (-inf where not a swap).
 
         Every term has the form value[v, host of u] + value[u, host of v] - value[v, own host]
         - value[u, own host] (``pair_gain``), so the rank, node and linear terms are summed into
@@ -188,13 +186,8 @@ class LayerSearch:
             value -= self.linear
             value_t -= self.linear_t
         items = np.arange(V)
-        if self._gain_buffers is None:
-            # Reused: a fresh [V, V] array per call costs more in page faults than the arithmetic.
-            self._gain_buffers = np.empty((2, V, V))
-        to_partner, from_partner = self._gain_buffers
-        np.take(value, rank, axis=1, out=to_partner)
-        np.take(value_t, rank, axis=0, out=from_partner)
-        gain = pair_gain(to_partner, value[items, rank], None, from_partner, out=to_partner)
+        to_partner = np.take(value, rank, axis=1)
+        gain = pair_gain(to_partner, value[items, rank], None, value_t[rank], out=to_partner)
         if paired:
             gain -= self.pair_cost
             if self.node_weight:
