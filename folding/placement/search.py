@@ -144,6 +144,10 @@ class LayerSearch:
     def constrained(self) -> bool:
         return np.isfinite(self.threshold) and np.isfinite(self.excess_budget)
 
+    def within_budget(self) -> bool:
+        """Whether the excess is within its budget (up to rounding)."""
+        return self.excess() <= self.excess_budget + self.tolerance
+
     def excess(self) -> float:
         return float(expected_excess(self.rank_load, self.rank_inner, self.threshold, self.noise).sum())
 
@@ -276,7 +280,7 @@ class LayerSearch:
                     return False
             v, u = np.unravel_index(choice, after.shape)
             self.swap(int(v), int(u))
-        return self.excess() <= self.excess_budget + self.tolerance
+        return self.within_budget()
 
     def improve(self, deadline: Optional[float] = None, max_rounds: int = 10_000,
                 price: Optional[float] = None) -> float:

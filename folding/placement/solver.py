@@ -191,7 +191,7 @@ def solve_training_layer(items: LayerItems, rank_nodes: np.ndarray, slots_per_ra
         return warm_training_layer(items, search_from, rank_nodes, slots_per_rank, deadline, seed)
     best = search_from(grow_layer(affinity, items, rank_nodes, slots_per_rank))
     best.optimise(deadline)
-    if best.excess() > best.excess_budget + best.tolerance:
+    if not best.within_budget():
         # Continuation failed to reach the budget: fall back on balanced packing.
         best = search_from(items.ranks)
         best.improve(deadline)
@@ -233,8 +233,7 @@ def warm_training_layer(items: LayerItems, search_from, rank_nodes: np.ndarray, 
     relinked = search_from(align_ranks(fresh_ranks, items.home, rank_nodes))
     if relinked.reduce_moves():
         relinked.improve(deadline)
-        feasible = relinked.excess() <= relinked.excess_budget + relinked.tolerance
-        if feasible and relinked.cost() < from_home.cost():
+        if relinked.within_budget() and relinked.cost() < from_home.cost():
             return relinked.rank
     return from_home.rank
 
@@ -333,14 +332,13 @@ def solve_inference(trace: RoutingTrace, layers: List[LayerItems], rank_nodes: n
             _, slots = linear_sum_assignment(linear[:, slot_ranks])
             searches.append(search_from(slot_ranks[slots]))
             searches[-1].optimise(deadline)
-        feasible = lambda search: search.excess() <= search.excess_budget + search.tolerance  # noqa: E731
-        if use_next or not (tried and feasible(searches[0])):
+        if use_next or not (tried and searches[0].within_budget()):
             searches.append(search_from(items.ranks))
             searches[-1].improve(deadline)
         winner = None
         for index, search in enumerate(searches):
             cost = search.cost()
-            if feasible(search) and cost < best_cost - search.tolerance:
+            if search.within_budget() and cost < best_cost - search.tolerance:
                 best_ranks, best_cost, winner = search.rank, cost, index
         if tried:
             assignment_helps[layer] = winner == 0
@@ -476,8 +474,6 @@ def solve(trace: RoutingTrace, ep_size: int, gpus_per_node: int, objective: str 
     ``sampling_noise=False`` balances the fitted loads only (the exact MILP's constraint).
     ``workers``: processes that place training layers side by side (None: ``default_workers``).
     """
-    from tqdm import tqdm
-
     start = time.perf_counter()
     objective_weights(objective)
     check_sizes(trace.num_experts, ep_size, gpus_per_node, redundant)
