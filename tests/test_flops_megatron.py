@@ -27,7 +27,6 @@ from folding.recipe import ModelArch, list_recipes, load_recipe
 pytestmark = pytest.mark.megatron
 
 
-
 @pytest.fixture(scope="module")
 def megatron_training():
     training = pytest.importorskip(

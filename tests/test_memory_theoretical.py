@@ -21,7 +21,6 @@ from folding.recipe import ModelArch, TrainingSetup
 pytestmark = pytest.mark.megatron
 
 
-
 @pytest.fixture(scope="module")
 def theoretical():
     module = pytest.importorskip(

@@ -133,7 +133,6 @@ def test_unrepresentable_order_is_refused():
         recipe_flags(odd)
 
 
-
 def test_cli_flags_text_and_json(cli):
     code, out, err = cli("flags", "--recipe", "deepseek-v3", "--json")
     assert code == 0, err
