@@ -222,6 +222,53 @@ def test_inference_solver_and_milp_reach_the_brute_force_optimum(seed):
     assert evaluate(heuristic.placement, trace).cost("inference") == pytest.approx(best)
 
 
+def test_inference_milp_reaches_the_brute_force_optimum_across_nodes_and_layers():
+    """8 experts, 3 layers, 4 ranks in 2 nodes: every balanced placement of every layer, chained
+    by dynamic programming over the layers, with hops costing 1 inside a node and 2 across."""
+    E, L, P, per_rank = 8, 3, 4, 2
+    trace = synthesize(SynthSpec(E, L, 600, 2, affinity=0.7, skew=0.4, group_size=2, seed=3, token_seed=3))
+    counts = trace.expert_counts().astype(float)
+    transitions = trace.top1_transitions()
+    nodes = np.arange(P) // 2
+    hops = (np.arange(P)[:, None] != np.arange(P)[None, :]) + (nodes[:, None] != nodes[None, :]).astype(float)
+    every = np.array([r for r in itertools.product(range(P), repeat=E)
+                      if all(r.count(k) == per_rank for k in range(P))])
+    feasible = []
+    for layer in range(L):
+        threshold, budget = noise_free_limits(counts[layer], P, per_rank, 0.01)
+        loads = np.stack([np.bincount(r, weights=counts[layer], minlength=P) for r in every])
+        feasible.append(every[np.maximum(loads - threshold, 0).sum(axis=1) <= budget + 1e-9])
+    one_hot = [np.eye(P)[f].reshape(len(f), E * P) for f in feasible]
+    best = np.zeros(len(feasible[0]))
+    for layer in range(L - 1):
+        # cost[a, b] = sum_ij flow[i, j] hops[a_i, b_j]
+        into = np.einsum("ij,rs,bjs->bir", transitions[layer], hops, np.eye(P)[feasible[layer + 1]])
+        cost = one_hot[layer] @ into.reshape(len(feasible[layer + 1]), E * P).T
+        best = (best[:, None] + cost).min(axis=0)
+    best = best.min() / ((L - 1) * trace.num_tokens)
+    exact = solve_milp(trace, P, 2, "inference", balance_slack=0.01, time_limit=60)
+    assert exact.optimal and exact.cost == pytest.approx(best) and exact.bound == pytest.approx(best, abs=1e-6)
+    heuristic = solve(trace, P, 2, "inference", balance_slack=0.01, sampling_noise=False)
+    assert evaluate(heuristic.placement, trace).cost("inference") >= best - 1e-12
+
+
+def test_inference_milp_out_of_time_keeps_its_proven_bound(monkeypatch):
+    from types import SimpleNamespace
+
+    from folding.placement import milp
+
+    trace = inference_trace(0)
+    # HiGHS at its time limit without a placement: only the bound of its search comes back.
+    monkeypatch.setattr(milp._Model, "solve", lambda self, limit: SimpleNamespace(x=None, mip_dual_bound=-0.5, status=1))
+    timed_out = solve_milp(trace, 3, 3, "inference", balance_slack=0.01, time_limit=60)
+    assert timed_out.placement is None and np.isnan(timed_out.cost) and not timed_out.optimal
+    # the bound is the search's plus the constant: every transition times the rank weight (one node)
+    assert timed_out.bound == pytest.approx(-0.5 + 1.0)
+    monkeypatch.setattr(milp._Model, "solve", lambda self, limit: SimpleNamespace(x=None, status=1))
+    with pytest.raises(FoldingError, match="neither a placement nor a bound"):
+        solve_milp(trace, 3, 3, "inference", balance_slack=0.01, time_limit=60)
+
+
 def test_milp_refuses_replicas_and_large_instances():
     trace = training_trace(0)
     with pytest.raises(FoldingError, match="--redundant 0"):
@@ -317,6 +364,24 @@ def test_time_limit_still_returns_a_valid_placement():
     trace = synthesize(SynthSpec(32, 6, 2000, 4, coactivation=0.9, group_size=8))
     for objective in ("training", "inference"):
         solve(trace, 8, 4, objective, time_limit=1e-6).placement.validate(num_experts=32, num_layers=6)
+
+
+@pytest.mark.parametrize("seed, node_first_wins", [(14, False), (17, True)])
+def test_small_inference_keeps_the_cheaper_of_the_flat_and_node_first_starts(seed, node_first_wins):
+    from folding.placement.solver import DEFAULT_BALANCE_SLACK, build_items, inference_search
+
+    trace = synthesize(SynthSpec(16, 3, 1500, 2, coactivation=0.5, affinity=0.7, group_size=4, seed=seed,
+                                 token_seed=seed))
+    result = solve(trace, 4, 2, "inference", sampling_noise=False)
+    layers = build_items(trace, 4, 0, DEFAULT_BALANCE_SLACK, noise=False)
+    inference_search(trace, layers, np.arange(4) // 2, 4, 1.0, 1.0, None, None)
+    flat = Placement.from_rank_assignment(16, 4, 2, [i.experts for i in layers], [i.ranks for i in layers])
+    cost, flat_cost = (evaluate(p, trace).cost("inference") for p in (result.placement, flat))
+    assert result.info["node_first"] is node_first_wins
+    if node_first_wins:
+        assert cost < 0.9 * flat_cost  # seed 17: 0.451 against 0.513
+    else:
+        assert cost == pytest.approx(flat_cost, abs=1e-12)  # seed 14: node-first reaches 0.445, flat 0.410
 
 
 # ----------------------------------------------------------------------------- baselines

@@ -8,6 +8,7 @@ ends with one JSON line of the figures and of each target's verdict.
 
     python tools/bench_place.py            # 10 to 20 minutes on 2 cores, most of it in the MILPs
     python tools/bench_place.py --quick    # smaller traces, no certificate: a smoke run
+    python tools/bench_place.py --sections certificate   # one section
 """
 
 from __future__ import annotations
@@ -133,15 +134,20 @@ def certificate_section(milp_seconds: float) -> dict:
         heuristic = solve(fit, 4, 2, objective, sampling_noise=False)
         cost = evaluate(heuristic.placement, fit).cost(objective)
         exact = solve_milp(fit, 4, 2, objective, time_limit=milp_seconds)
-        record = {"folding_cost": cost, "folding_seconds": heuristic.seconds, "milp_cost": exact.cost,
-                  "milp_bound": exact.bound, "milp_optimal": exact.optimal, "milp_seconds": exact.seconds,
-                  "milp_gap": exact.gap, "folding_vs_milp": cost / exact.cost - 1.0,
+        found = exact.placement is not None
+        record = {"folding_cost": cost, "folding_seconds": heuristic.seconds,
+                  "milp_cost": exact.cost if found else None, "milp_bound": exact.bound,
+                  "milp_optimal": exact.optimal, "milp_seconds": exact.seconds,
+                  "milp_gap": exact.gap if found else None,
+                  "folding_vs_milp": cost / exact.cost - 1.0 if found else None,
                   "folding_above_bound": exact.excess_of(cost)}
         record["met"] = exact.optimal and record["folding_vs_milp"] <= 0.05
         out[name] = record
-        rows.append([f"{objective}, {instance.num_layers} layers", cost, exact.cost, exact.bound, "yes" if exact.optimal else "no",
-                     f"{100 * record['folding_vs_milp']:+.2f}%", f"{100 * record['folding_above_bound']:.2f}%",
-                     f"{heuristic.seconds:.2f}", f"{exact.seconds:.1f}", "met" if record["met"] else "NOT MET"])
+        rows.append([f"{objective}, {instance.num_layers} layers", cost, exact.cost if found else "none",
+                     exact.bound, "yes" if exact.optimal else "no",
+                     f"{100 * record['folding_vs_milp']:+.2f}%" if found else "-",
+                     f"{100 * record['folding_above_bound']:.2f}%", f"{heuristic.seconds:.2f}",
+                     f"{exact.seconds:.1f}", "met" if record["met"] else "NOT MET"])
     print("\n== Certificate: 16 experts x 4 ranks (2 per node), top-2, noise-free balance rule")
     print(table(["objective", "folding", "MILP best", "MILP bound", "proven", "vs MILP", "above bound",
                  "folding s", "MILP s", "target"], rows))
@@ -213,24 +219,35 @@ def stability_section(quick: bool) -> dict:
     return {"cases": out}
 
 
+SECTIONS = ("training", "inference", "certificate", "speed", "stability")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller traces and no MILP certificate")
     parser.add_argument("--milp-seconds", type=float, default=400.0, help="time limit of each MILP (wall clock)")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated sections to run (default: all of {','.join(SECTIONS)})")
     args = parser.parse_args()
+    sections = [name for name in args.sections.split(",") if name]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        print(f"error: unknown section {', '.join(unknown)}: choose from {', '.join(SECTIONS)}", file=sys.stderr)
+        return 2
+    if args.quick and "certificate" in sections:
+        sections.remove("certificate")
     start = time.perf_counter()
-    figures = {"training": training_section(args.quick), "inference": inference_section(args.quick)}
-    if not args.quick:
-        figures["certificate"] = certificate_section(args.milp_seconds)
-    figures["speed"] = speed_section(args.quick)
-    figures["stability"] = stability_section(args.quick)
-    verdicts = {
-        "training_structured": all(c["met"] for c in figures["training"]["cases"] if c["structured"]),
-        "training_unstructured": all(c["met"] for c in figures["training"]["cases"] if not c["structured"]),
-        "inference": all(c["met"] for c in figures["inference"]["cases"]),
-        "speed": all(c["met"] for c in figures["speed"]["cases"]),
-        "stability": all(c["met"] for c in figures["stability"]["cases"]),
-    }
+    runners = {"training": lambda: training_section(args.quick), "inference": lambda: inference_section(args.quick),
+               "certificate": lambda: certificate_section(args.milp_seconds),
+               "speed": lambda: speed_section(args.quick), "stability": lambda: stability_section(args.quick)}
+    figures = {name: runners[name]() for name in SECTIONS if name in sections}
+    verdicts = {}
+    if "training" in figures:
+        verdicts["training_structured"] = all(c["met"] for c in figures["training"]["cases"] if c["structured"])
+        verdicts["training_unstructured"] = all(c["met"] for c in figures["training"]["cases"] if not c["structured"])
+    for name in ("inference", "speed", "stability"):
+        if name in figures:
+            verdicts[name] = all(c["met"] for c in figures[name]["cases"])
     if "certificate" in figures:
         verdicts["certificate_training"] = figures["certificate"]["training"]["met"]
         verdicts["certificate_inference"] = figures["certificate"]["inference"]["met"]

@@ -155,7 +155,9 @@ def run_solve(args: argparse.Namespace, trace, score) -> int:
           f"objective {args.objective}\n")
     print(metrics_table(metrics, args.solver))
     if certificate is not None:
-        print(f"\nexact MILP: cost {certificate['milp_cost']:.4f}, lower bound {certificate['milp_bound']:.4f} "
+        best = certificate["milp_cost"]
+        print(f"\nexact MILP: cost {'none found' if best is None else f'{best:.4f}'}, "
+              f"lower bound {certificate['milp_bound']:.4f} "
               f"({'optimal' if certificate['milp_optimal'] else 'time limit reached'}, "
               f"{certificate['milp_seconds']:.1f} s); folding solver (same balance rule) "
               f"{certificate['folding_cost']:.4f}: {100 * certificate['folding_above_bound']:.2f}% above the bound")
@@ -178,6 +180,6 @@ def certify(args: argparse.Namespace, trace, slack: float) -> dict:
     same_rule = solve(trace, args.ep_size, args.gpus_per_node, args.objective, args.redundant,
                       args.time_limit, balance_slack=slack, sampling_noise=False)
     folding_cost = evaluate(same_rule.placement, trace).cost(args.objective)
-    return {"milp_cost": exact.cost, "milp_bound": exact.bound, "milp_optimal": exact.optimal,
+    return {"milp_cost": finite_or_none(exact.cost), "milp_bound": exact.bound, "milp_optimal": exact.optimal,
             "milp_seconds": exact.seconds, "folding_cost": folding_cost,
             "folding_above_bound": exact.excess_of(folding_cost)}

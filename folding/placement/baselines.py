@@ -20,7 +20,7 @@ import numpy as np
 
 from folding.placement.packing import balanced_packing, layer_items, replica_counts
 from folding.placement.placement import Placement
-from folding.placement.solver import LayerItems, SolveResult, check_sizes, solve_inference
+from folding.placement.solver import LayerItems, SolveResult, check_sizes, inference_search
 from folding.placement.trace import RoutingTrace
 
 BASELINES = ("contiguous", "eplb", "exflow")
@@ -73,7 +73,7 @@ def exflow(trace: RoutingTrace, ep_size: int, gpus_per_node: int, time_limit=Non
               for _ in range(trace.num_layers)]
     rank_nodes = np.arange(P) // gpus_per_node
     deadline = None if time_limit is None else start + time_limit
-    info = solve_inference(trace, layers, rank_nodes, E // P, 1.0, 0.0, deadline, None, progress)
+    info = inference_search(trace, layers, rank_nodes, E // P, 1.0, 0.0, deadline, None, progress)
     placement = Placement.from_rank_assignment(E, P, gpus_per_node, [i.experts for i in layers],
                                                [i.ranks for i in layers])
     return SolveResult(placement, time.perf_counter() - start, info)
