@@ -259,12 +259,20 @@ def test_inference_milp_out_of_time_keeps_its_proven_bound(monkeypatch):
 
     trace = inference_trace(0)
     # HiGHS at its time limit without a placement: only the bound of its search comes back.
-    monkeypatch.setattr(milp._Model, "solve", lambda self, limit: SimpleNamespace(x=None, mip_dual_bound=-0.5, status=1))
+    exact = solve_milp(trace, 3, 3, "inference", balance_slack=0.01, time_limit=60)
+    solve = milp._Model.solve
+    monkeypatch.setattr(milp._Model, "solve", lambda self, limit, relax=False: SimpleNamespace(
+        x=None, mip_dual_bound=-0.5, status=1))
     timed_out = solve_milp(trace, 3, 3, "inference", balance_slack=0.01, time_limit=60)
     assert timed_out.placement is None and np.isnan(timed_out.cost) and not timed_out.optimal
     # the bound is the search's plus the constant: every transition times the rank weight (one node)
     assert timed_out.bound == pytest.approx(-0.5 + 1.0)
-    monkeypatch.setattr(milp._Model, "solve", lambda self, limit: SimpleNamespace(x=None, status=1))
+    # Without a bound from the search, the LP relaxation's: below the optimum, above zero hops.
+    monkeypatch.setattr(milp._Model, "solve", lambda self, limit, relax=False: (
+        solve(self, limit, relax) if relax else SimpleNamespace(x=None, status=1)))
+    relaxed = solve_milp(trace, 3, 3, "inference", balance_slack=0.01, time_limit=60)
+    assert relaxed.placement is None and 0.0 < relaxed.bound <= exact.bound + 1e-9
+    monkeypatch.setattr(milp._Model, "solve", lambda self, limit, relax=False: SimpleNamespace(x=None, status=1))
     with pytest.raises(FoldingError, match="neither a placement nor a bound"):
         solve_milp(trace, 3, 3, "inference", balance_slack=0.01, time_limit=60)
 

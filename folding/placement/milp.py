@@ -100,9 +100,11 @@ class _Model:
         self.low.append(low)
         self.high.append(high)
 
-    def solve(self, time_limit: float):
+    def solve(self, time_limit: float, relax: bool = False):
+        """HiGHS on the model; ``relax`` drops integrality (the LP relaxation)."""
         matrix = coo_matrix((self.vals, (self.rows, self.cols)), shape=(len(self.low), len(self.cost))).tocsr()
-        return milp(np.array(self.cost), integrality=np.array(self.integer),
+        integer = np.zeros(len(self.cost)) if relax else np.array(self.integer)
+        return milp(np.array(self.cost), integrality=integer,
                     bounds=Bounds(np.zeros(len(self.cost)), np.array(self.upper)),
                     constraints=LinearConstraint(matrix, np.array(self.low), np.array(self.high)),
                     options={"time_limit": time_limit, "mip_rel_gap": 1e-6, "disp": False})
@@ -275,9 +277,12 @@ def solve_inference_milp(trace: RoutingTrace, ep_size: int, gpus_per_node: int, 
     result = model.solve(max(time_limit - (time.perf_counter() - start), 1.0))
     bound = getattr(result, "mip_dual_bound", None)
     if result.x is None:
+        # HiGHS reports no bound without a placement; the LP relaxation's is proven all the same.
         if bound is None or not np.isfinite(bound):
-            raise FoldingError(f"the exact MILP found neither a placement nor a bound in {time_limit:.0f} s")
-        # The bound is still proven: report it without a placement.
+            relaxation = model.solve(max(time_limit, 60.0), relax=True)
+            if relaxation.x is None:
+                raise FoldingError(f"the exact MILP found neither a placement nor a bound in {time_limit:.0f} s")
+            bound = relaxation.fun
         return MilpResult(None, float("nan"), bound + constant, False, time.perf_counter() - start)
     rows = [_ranks_of(result.x, x) for x in xs]
     placement = Placement.from_rank_assignment(E, P, gpus_per_node, [np.arange(E)] * L, rows)
