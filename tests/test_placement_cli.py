@@ -86,6 +86,21 @@ def test_certify_reports_the_milp(tmp_path, capsys):
     assert cert["folding_above_bound"] == pytest.approx((cert["folding_cost"] - cert["milp_bound"]) / cert["milp_bound"])
 
 
+def test_certify_without_a_milp_placement_reports_the_bound(tmp_path, capsys, monkeypatch):
+    from folding.placement import milp
+
+    path = tmp_path / "small.npz"
+    synthesize(SynthSpec(8, 2, 300, 2, coactivation=0.8, group_size=4)).save(path)
+    monkeypatch.setattr(milp, "solve_milp", lambda *args, **kwargs: milp.MilpResult(None, float("nan"), 0.3, False, 1.0))
+    argv = ["place", "--trace", str(path), "--ep-size", "4", "--gpus-per-node", "2", "--objective", "inference",
+            "--certify", "--out", str(tmp_path / "p.json")]
+    assert main(argv) == 0
+    assert "exact MILP: cost none found, lower bound 0.3000 (time limit reached" in capsys.readouterr().out
+    assert main(argv + ["--json"]) == 0
+    cert = json.loads(capsys.readouterr().out)["certificate"]
+    assert cert["milp_cost"] is None and cert["milp_bound"] == 0.3 and not cert["milp_optimal"]
+
+
 def run_in_process(capsys, *argv):
     code = main(list(argv))
     captured = capsys.readouterr()
