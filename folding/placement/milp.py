@@ -15,9 +15,10 @@ linearised:
   rows (each expert shares its host with as many experts of the other layer as the host has
   slots) are what lift the relaxation: on 16 experts x 8 layers x 4 ranks its bound is 0.31 at
   the root, where bounding each host's stays by the flows alone gave 0 (and 0.22 after 400 s of
-  branching). It stays weak: the relaxation sees each layer pair apart, while the optimum has to
-  follow one placement through all layers, which the same instance's best placements show to be
-  what costs (0.53 or more).
+  branching). It stays weak: the relaxation sees each layer pair apart, while a placement has to
+  follow one assignment through all layers, and that is where the cost lies (the best placements
+  found for that instance cost 0.52 or more).
+
 Balance: sum over ranks of max(load_r - t, 0) <= budget with t and budget from
 ``solver.balance_limits``. Without sampling noise that is exactly the fast solver's constraint
 (``solve(..., sampling_noise=False)``), so the two solve the same problem. With noise, the
@@ -152,17 +153,15 @@ def _same_host_pairs(model: _Model, flow: np.ndarray, weight: float, before: np.
     """
     E = flow.shape[0]
     w = model.variables(E * E, cost=-weight * flow.ravel()).reshape(E, E)
+    capacity = np.zeros(before.shape[1])
     for ranks in hosts:
-        size = len(ranks)
-        ones = np.ones(size)
+        capacity[ranks] = len(ranks) * slots
+        ones = np.ones(len(ranks))
         for i in range(E):
             for j in range(E):
                 columns = np.concatenate(([w[i, j]], before[i, ranks], after[j, ranks]))
                 model.row(columns, np.concatenate(([1.0], ones, -ones)), -np.inf, 1.0)
                 model.row(columns, np.concatenate(([1.0], -ones, ones)), -np.inf, 1.0)
-    capacity = np.zeros(before.shape[1])
-    for ranks in hosts:
-        capacity[ranks] = len(ranks) * slots
     for i in range(E):
         # sum_j w[i, j] = slots on i's host, and likewise from the other layer's side
         model.row(np.concatenate((w[i], before[i])), np.concatenate((np.ones(E), -capacity)), 0.0, 0.0)
