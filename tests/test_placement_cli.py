@@ -84,6 +84,7 @@ def test_certify_reports_the_milp(tmp_path, capsys):
     cert = json.loads(capsys.readouterr().out)["certificate"]
     assert cert["milp_optimal"] and cert["milp_bound"] <= cert["folding_cost"] + 1e-9
     assert cert["folding_above_bound"] == pytest.approx((cert["folding_cost"] - cert["milp_bound"]) / cert["milp_bound"])
+    assert cert["chain_bound"] is None and cert["bound"] == cert["milp_bound"]  # training: the MILP alone
 
 
 def test_certify_without_a_milp_placement_reports_the_bound(tmp_path, capsys, monkeypatch):
@@ -95,10 +96,16 @@ def test_certify_without_a_milp_placement_reports_the_bound(tmp_path, capsys, mo
     argv = ["place", "--trace", str(path), "--ep-size", "4", "--gpus-per-node", "2", "--objective", "inference",
             "--certify", "--out", str(tmp_path / "p.json")]
     assert main(argv) == 0
-    assert "exact MILP: cost none found, lower bound 0.3000 (time limit reached" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "exact MILP: cost none found, lower bound 0.3000 (time limit reached" in printed
+    assert "chain bound: " in printed and "above the best bound" in printed
     assert main(argv + ["--json"]) == 0
     cert = json.loads(capsys.readouterr().out)["certificate"]
     assert cert["milp_cost"] is None and cert["milp_bound"] == 0.3 and not cert["milp_optimal"]
+    # inference on 4^8 states: the chain bound is computed, and the larger bound counts
+    assert cert["chain_bound"] <= cert["chain_placement_cost"] + 1e-12
+    assert cert["bound"] == max(0.3, cert["chain_bound"])
+    assert cert["folding_above_bound"] == pytest.approx((cert["folding_cost"] - cert["bound"]) / cert["bound"])
 
 
 def run_in_process(capsys, *argv):

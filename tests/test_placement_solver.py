@@ -392,6 +392,28 @@ def test_small_inference_keeps_the_cheaper_of_the_flat_and_node_first_starts(see
         assert cost == pytest.approx(flat_cost, abs=1e-12)  # seed 14: node-first reaches 0.445, flat 0.410
 
 
+@pytest.mark.parametrize("seed, chain_start_wins", [(3, True), (5, False)])
+def test_small_inference_keeps_the_chain_start_when_it_is_cheaper(seed, chain_start_wins, monkeypatch):
+    """12 experts x 4 ranks (4^12 states): the solver also searches from the chain program's
+    placement and keeps it only when cheaper; the chain bound stays below what it keeps."""
+    from folding.placement import solver
+    from folding.placement.chain_bound import inference_chain_bound
+
+    trace = synthesize(SynthSpec(12, 4, 1500, 2, coactivation=0.7, affinity=0.7, group_size=4, seed=seed,
+                                 token_seed=seed))
+    result = solve(trace, 4, 2, "inference", sampling_noise=False)
+    monkeypatch.setattr(solver, "CHAIN_START_MAX_STATES", 0)
+    without = solve(trace, 4, 2, "inference", sampling_noise=False)
+    assert "chain_start" not in without.info
+    cost, without_cost = (evaluate(r.placement, trace).cost("inference") for r in (result, without))
+    assert result.info["chain_start"] is chain_start_wins
+    if chain_start_wins:
+        assert cost < 0.95 * without_cost  # seed 3: 0.477 against 0.538
+    else:
+        assert cost == pytest.approx(without_cost, abs=1e-12)  # seed 5: 0.446 either way
+    assert inference_chain_bound(trace, 4, 2).bound <= cost
+
+
 # ----------------------------------------------------------------------------- baselines
 def test_eplb_is_hierarchical_and_balanced():
     trace = synthesize(SynthSpec(16, 2, 3000, 4, skew=1.2))

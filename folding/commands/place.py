@@ -136,7 +136,7 @@ def run_solve(args: argparse.Namespace, trace, score) -> int:
         chosen.save(args.out)
     except OSError as e:
         raise FoldingError(f"cannot write {args.out}: {e.strerror or e}") from None
-    certificate = certify(args, trace, slack) if args.certify else None
+    certificate = certify(args, trace, slack, progress) if args.certify else None
     if args.png:
         from folding.placement.plot import draw_placement
 
@@ -159,8 +159,12 @@ def run_solve(args: argparse.Namespace, trace, score) -> int:
         print(f"\nexact MILP: cost {'none found' if best is None else f'{best:.4f}'}, "
               f"lower bound {certificate['milp_bound']:.4f} "
               f"({'optimal' if certificate['milp_optimal'] else 'time limit reached'}, "
-              f"{certificate['milp_seconds']:.1f} s); folding solver (same balance rule) "
-              f"{certificate['folding_cost']:.4f}: {100 * certificate['folding_above_bound']:.2f}% above the bound")
+              f"{certificate['milp_seconds']:.1f} s)")
+        if certificate["chain_bound"] is not None:
+            print(f"chain bound: {certificate['chain_bound']:.4f} ({certificate['chain_seconds']:.1f} s; its "
+                  f"placement costs {certificate['chain_placement_cost']:.4f})")
+        print(f"folding solver (same balance rule) {certificate['folding_cost']:.4f}: "
+              f"{100 * certificate['folding_above_bound']:.2f}% above the best bound {certificate['bound']:.4f}")
     print(f"\nwrote {args.out}" + (f" and {args.png}" if args.png else ""))
     return 0
 
@@ -169,8 +173,10 @@ def finite_or_none(value: float) -> Optional[float]:
     return None if math.isnan(value) else value
 
 
-def certify(args: argparse.Namespace, trace, slack: float) -> dict:
-    """The MILP optimum next to the folding solver run with the MILP's balance rule."""
+def certify(args: argparse.Namespace, trace, slack: float, progress: bool) -> dict:
+    """The MILP optimum next to the folding solver run with the MILP's balance rule; for the
+    inference objective on instances small enough, the chain bound too (the larger bound counts)."""
+    from folding.placement.chain_bound import applicable, inference_chain_bound
     from folding.placement.metrics import evaluate
     from folding.placement.milp import solve_milp
     from folding.placement.solver import solve
@@ -180,6 +186,14 @@ def certify(args: argparse.Namespace, trace, slack: float) -> dict:
     same_rule = solve(trace, args.ep_size, args.gpus_per_node, args.objective, args.redundant,
                       args.time_limit, balance_slack=slack, sampling_noise=False)
     folding_cost = evaluate(same_rule.placement, trace).cost(args.objective)
-    return {"milp_cost": finite_or_none(exact.cost), "milp_bound": exact.bound, "milp_optimal": exact.optimal,
-            "milp_seconds": exact.seconds, "folding_cost": folding_cost,
-            "folding_above_bound": exact.excess_of(folding_cost)}
+    out = {"milp_cost": finite_or_none(exact.cost), "milp_bound": exact.bound, "milp_optimal": exact.optimal,
+           "milp_seconds": exact.seconds, "folding_cost": folding_cost, "chain_bound": None,
+           "chain_placement_cost": None, "chain_seconds": None}
+    bound = exact.bound
+    if args.objective == "inference" and not args.redundant and applicable(trace.num_experts, args.ep_size,
+                                                                           args.gpus_per_node):
+        chain = inference_chain_bound(trace, args.ep_size, args.gpus_per_node, slack, progress=progress)
+        out.update(chain_bound=chain.bound, chain_placement_cost=chain.placement_cost, chain_seconds=chain.seconds)
+        bound = max(bound, chain.bound)
+    out.update(bound=bound, folding_above_bound=(folding_cost - bound) / bound if bound > 0 else 0.0)
+    return out

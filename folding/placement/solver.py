@@ -17,8 +17,10 @@ a previous placement fixes them. Each item is a replica; its pairs are the exper
   ``scipy.optimize.linear_sum_assignment`` and then brought within the balance bound by the same
   search. A forward pass follows the layer before; later passes use both neighbours until none
   improves (on large instances they only improve the current placement by swaps); small
-  instances get iterated local search over layers, and small multi-node ones a second start
-  searched with node hops weighted heavily first (nodes settle before the ranks in them).
+  instances get iterated local search over layers, small multi-node ones a second start
+  searched with node hops weighted heavily first (nodes settle before the ranks in them), and
+  instances of at most 4^12 rank assignments a third from the placement that follows each
+  layer pair's matching at least cost (``chain_bound``); the cheapest is kept.
 - with a previous placement both start from it and move at most ``max_moved`` of each layer's
   items (training also tries a fresh solution relabelled to match the previous one).
 """
@@ -310,28 +312,66 @@ def solve_inference(trace: RoutingTrace, layers: List[LayerItems], rank_nodes: n
                     deadline: Optional[float], max_moved: Optional[int], progress: bool = False) -> dict:
     """``inference_search`` from balanced packing; on small multi-node instances also from a
     placement searched with node hops weighted ``NODE_FIRST_WEIGHT`` times (which settles the
-    nodes before the ranks inside them), keeping the cheaper. Updates ``layers`` in place."""
+    nodes before the ranks inside them), and where it fits from the chain program's placement,
+    keeping the cheapest. Updates ``layers`` in place."""
     def search(weight: float, resume: bool = False) -> dict:
         return inference_search(trace, layers, rank_nodes, slots_per_rank, rank_weight, weight, deadline,
                                 max_moved, progress, resume=resume)
 
     warm = layers[0].home is not None
-    if warm or rank_nodes.max() == 0 or len(layers[0].experts) > NODE_FIRST_MAX_ITEMS:
+    if warm:
         return search(node_weight)
     start = [i.ranks.copy() for i in layers]
     info = search(node_weight)
     transitions = trace.top1_transitions()
     hops = hop_matrix(rank_nodes, rank_weight, node_weight)
-    flat, flat_cost = [i.ranks.copy() for i in layers], inference_hop_cost(layers, transitions, hops, trace.num_experts)
-    for items, ranks in zip(layers, start):
-        items.ranks = ranks.copy()
-    search(node_weight * NODE_FIRST_WEIGHT)
-    search(node_weight, resume=True)
-    info["node_first"] = inference_hop_cost(layers, transitions, hops, trace.num_experts) < flat_cost
-    if not info["node_first"]:
-        for items, ranks in zip(layers, flat):
-            items.ranks = ranks
+    best, best_cost = [i.ranks.copy() for i in layers], inference_hop_cost(layers, transitions, hops, trace.num_experts)
+
+    def keep_if_cheaper(name: str) -> None:
+        nonlocal best, best_cost
+        cost = inference_hop_cost(layers, transitions, hops, trace.num_experts)
+        info[name] = cost < best_cost
+        if info[name]:
+            best, best_cost = [i.ranks.copy() for i in layers], cost
+        for items, ranks in zip(layers, best):
+            items.ranks = ranks.copy()
+
+    if rank_nodes.max() > 0 and len(layers[0].experts) <= NODE_FIRST_MAX_ITEMS:
+        for items, ranks in zip(layers, start):
+            items.ranks = ranks.copy()
+        search(node_weight * NODE_FIRST_WEIGHT)
+        search(node_weight, resume=True)
+        keep_if_cheaper("node_first")
+    if chain_start_fits(trace, layers, rank_nodes, deadline):
+        from folding.placement.chain_bound import chain_program
+
+        program = chain_program(transitions, trace.expert_counts().astype(np.float64),
+                                [(i.threshold, i.excess_budget) for i in layers], len(rank_nodes),
+                                int(np.sum(rank_nodes == 0)))
+        for items, ranks in zip(layers, program.ranks):
+            items.ranks = ranks[items.experts].copy()
+        search(node_weight, resume=True)
+        keep_if_cheaper("chain_start")
     return info
+
+
+CHAIN_START_MAX_STATES = 4 ** 12
+"""Instances of at most this many rank assignments (P^E) also search from the placement of
+``chain_bound.chain_program``, which follows each layer pair's matching at least cost."""
+
+
+def chain_start_fits(trace: RoutingTrace, layers: List[LayerItems], rank_nodes: np.ndarray,
+                     deadline: Optional[float]) -> bool:
+    """Whether the chain start applies (one item per expert, ranks in whole nodes, few enough
+    states) and its estimated time (10 ns per state and line and layer) is left."""
+    from folding.placement.chain_bound import applicable
+
+    E, P = trace.num_experts, len(rank_nodes)
+    per_node = int(np.sum(rank_nodes == 0))
+    if len(layers[0].experts) != E or P % per_node or not applicable(E, P, per_node, CHAIN_START_MAX_STATES):
+        return False
+    seconds = 1e-8 * P ** E * E * (len(layers) - 1)
+    return deadline is None or time.perf_counter() + seconds < deadline
 
 
 def inference_search(trace: RoutingTrace, layers: List[LayerItems], rank_nodes: np.ndarray,

@@ -1,0 +1,323 @@
+"""A proven lower bound on the inference objective of small instances, by dynamic programming
+over every layer's balanced placements; the bench's certificate and ``folding place --certify``
+report it next to the MILP's bound.
+
+The inference cost is a sum over consecutive layers of top-1 flows F_l[i, j] times the hop cost
+between the ranks of i and j. Split each F_l into its matching part (the flow from each expert
+to the follower that a maximum-weight matching of F_l gives it: most tokens that follow their
+expert go to one expert of the next layer) and the rest. Then
+
+    optimum >= least matching part over placements + sum over layer pairs of the least rest.
+
+- Matching part: follow each expert of layer 0 along the matchings (a "line"); the part is then
+  a sum over lines of flow times the hop cost between the line's ranks at consecutive layers,
+  separable by line. Its least value over sequences of balanced placements is exact dynamic
+  programming over all P^E rank assignments of the lines: from one layer to the next, one
+  min-plus pass per line (a distance transform), then every state outside the next layer's
+  balanced placements is dropped. The MILP's relaxation cannot see this price: fractional
+  placements follow every line for free.
+- Rest of one layer pair: each balanced placement of the layer that has fewer, against the
+  other layer relaxed to E/P experts per rank (a linear assignment per placement).
+
+Balance is the MILP's rule (``milp`` explains it): exactly the fast solver's without sampling
+noise, a relaxation of it with noise, so the bound holds for both. States take 2 bytes (4 when
+2 do not hold the costs): 4^16 states are 8.6 GB and take about 12 minutes on 2 cores with
+numba (``pip install numba``); without numba, instances of at most 2^24 states.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import time
+from dataclasses import dataclass
+from typing import List, Optional
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from folding.errors import FoldingError
+from folding.placement.metrics import evaluate, objective_weights
+from folding.placement.milp import _limits
+from folding.placement.placement import Placement
+from folding.placement.solver import DEFAULT_BALANCE_SLACK, check_sizes, hop_matrix
+from folding.placement.trace import RoutingTrace
+
+MAX_STATES = 4 ** 16
+"""Largest P^E the dynamic program takes (8.6 GB of states)."""
+MAX_STATES_WITHOUT_NUMBA = 2 ** 24
+MAX_FIRST_RANK_SETS = 20_000
+"""Most choices of rank 0's experts the enumeration of balanced placements loops over."""
+
+
+@dataclass
+class ChainBound:
+    """The bound, its two parts, and the placement that attains the matching part's minimum."""
+
+    bound: float
+    """Proven lower bound on the inference cost of any balanced placement."""
+    matching: float
+    """Least matching part (exact)."""
+    rest: float
+    """Sum over layer pairs of the least rest (each pair apart)."""
+    placement: Placement
+    """A placement with the least matching part: its cost is an upper bound on the optimum."""
+    placement_cost: float
+    seconds: float
+
+
+def applicable(num_experts: int, ep_size: int, gpus_per_node: int, max_states: Optional[int] = None) -> bool:
+    """Whether the dynamic program takes this many states (more with numba than without) and
+    the enumeration this many choices of rank 0's experts."""
+    if max_states is None:
+        with_numba = _numba_transform(ep_size, gpus_per_node) is not None
+        max_states = MAX_STATES if with_numba else MAX_STATES_WITHOUT_NUMBA
+    return (ep_size ** num_experts <= max_states
+            and math.comb(num_experts, num_experts // ep_size) <= MAX_FIRST_RANK_SETS)
+
+
+def hop_costs(ep_size: int, gpus_per_node: int) -> np.ndarray:
+    """int64 [P, P]: the solver's inference hop costs, which must be integers here."""
+    hops = hop_matrix(np.arange(ep_size) // gpus_per_node, *objective_weights("inference"))
+    if not np.array_equal(hops, np.round(hops)):
+        raise FoldingError("the chain bound needs integer hop weights")
+    return hops.astype(np.int64)
+
+
+def _ordered_partitions(items: List[int], parts: int, size: int) -> np.ndarray:
+    """int64 [N, parts, size]: every split of ``items`` into ``parts`` labelled groups of ``size``."""
+    if parts == 1:
+        return np.array([[items]], dtype=np.int64)
+    out = []
+    for group in itertools.combinations(items, size):
+        remaining = [i for i in items if i not in group]
+        for rest in _ordered_partitions(remaining, parts - 1, size):
+            out.append(np.vstack(([group], rest)))
+    return np.array(out, dtype=np.int64)
+
+
+def balanced_states(loads: np.ndarray, ep_size: int, threshold: float, budget: float,
+                    positions: np.ndarray) -> np.ndarray:
+    """uint64: the state index (sum of rank * P^position over experts) of every assignment of
+    E/P experts per rank with sum_r max(load_r - threshold, 0) <= budget, in increasing order.
+    ``positions[e]``: expert e's digit in the state."""
+    E, P = len(loads), ep_size
+    S = E // P
+    place = np.uint64(P) ** positions.astype(np.uint64)
+    rest = _ordered_partitions(list(range(E - S)), P - 1, S) if P > 1 else np.zeros((1, 0, S), np.int64)
+    found = []
+    for first in itertools.combinations(range(E), S):
+        first = np.array(first)
+        groups = np.setdiff1d(np.arange(E), first)[rest]            # [N, P-1, S]
+        excess = (np.maximum(loads[groups].sum(axis=2) - threshold, 0.0).sum(axis=1)
+                  + max(loads[first].sum() - threshold, 0.0))
+        keep = excess <= budget + 1e-9 * max(1.0, budget)
+        if keep.any():
+            values = place[groups[keep]].sum(axis=2)                 # [n, P-1]
+            found.append((values * np.arange(1, P, dtype=np.uint64)).sum(axis=1))
+    states = np.concatenate(found) if found else np.zeros(0, np.uint64)
+    return np.sort(states)
+
+
+def state_digits(states: np.ndarray, num_digits: int, base: int) -> np.ndarray:
+    """int64 [N, num_digits]: the rank of each position in each state."""
+    powers = np.uint64(base) ** np.arange(num_digits, dtype=np.uint64)
+    return ((states[:, None] // powers[None, :]) % np.uint64(base)).astype(np.int64)
+
+
+def _transform_numpy(values: np.ndarray, base: int, stride: int, group: int, near, far) -> None:
+    """In place, along the digit of ``stride``: values[x] = min(values[x], near + least value on
+    x's node, far + least value anywhere). With hops of ``near`` inside a node and ``far``
+    across, that is the min-plus pass min over y of values[y] + hop(x, y)."""
+    view = values.reshape(-1, base, stride)
+    step = max(1, (1 << 22) // (base * stride))
+    for start in range(0, view.shape[0], step):
+        block = view[start:start + step]
+        anywhere = block.min(axis=1) + far
+        for first in range(0, base, group):
+            node = block[:, first:first + group]
+            reach = np.minimum(node.min(axis=1) + near, anywhere)
+            np.minimum(node, reach[:, None, :], out=node)
+
+
+@functools.lru_cache(maxsize=None)
+def _numba_transform(base: int, group: int):
+    """The same pass compiled with numba for ``base`` ranks in nodes of ``group`` (constants,
+    so that the loops over ranks unroll), parallel over lines; None without numba."""
+    try:
+        from numba import njit, prange
+    except ImportError:
+        return None
+
+    @njit(inline="always")
+    def line(values, first, stride, near, far):  # pragma: no cover - compiled
+        anywhere = values[first]
+        for y in range(1, base):
+            anywhere = min(anywhere, values[first + y * stride])
+        anywhere = anywhere + far
+        for node in range(0, base, group):
+            least = values[first + node * stride]
+            for y in range(node + 1, min(base, node + group)):
+                least = min(least, values[first + y * stride])
+            reach = min(least + near, anywhere)
+            for x in range(node, min(base, node + group)):
+                values[first + x * stride] = min(values[first + x * stride], reach)
+
+    @njit(parallel=True)
+    def transform(values, stride, near, far):  # pragma: no cover - compiled
+        block = base * stride
+        blocks = values.size // block
+        if blocks >= 64:
+            for b in prange(blocks):
+                for k in range(stride):
+                    line(values, b * block + k, stride, near, far)
+        else:
+            for b in range(blocks):
+                for k in prange(stride):
+                    line(values, b * block + k, stride, near, far)
+
+    return lambda values, _, stride, __, near, far: transform(values, stride, near, far)
+
+
+def matching_lines(transitions: np.ndarray) -> tuple:
+    """(followers [L-1, E], lines [L, E]): the maximum-weight matching of each layer pair's
+    flows, and the expert of each line at each layer (line k is expert k at layer 0)."""
+    followers, lines = [], [np.arange(transitions.shape[1])]
+    for flow in transitions:
+        rows, cols = linear_sum_assignment(-flow)
+        follower = np.empty_like(rows)
+        follower[rows] = cols
+        followers.append(follower)
+        lines.append(follower[lines[-1]])
+    return np.array(followers, dtype=np.int64), np.array(lines, dtype=np.int64)
+
+
+def rest_bound(rest_flow: np.ndarray, states: np.ndarray, positions: np.ndarray, ep_size: int,
+               hops: np.ndarray, transpose: bool) -> float:
+    """Least sum_ij rest_flow[i, j] hops[rank_i, rank_j] over the given placements of one layer
+    (``states``), the other layer relaxed to E/P experts per rank; ``transpose``: the states
+    belong to the second layer."""
+    E, P = rest_flow.shape[0], ep_size
+    flow = rest_flow.T if transpose else rest_flow
+    ranks = state_digits(states, E, P)[:, positions]                 # [N, E] rank of each expert
+    best = np.inf
+    for start in range(0, len(ranks), 8192):
+        # cost[n, j, h] = sum_i flow[i, j] hops[rank_n(i), h]
+        cost = np.einsum("ij,nih->njh", flow, hops[ranks[start:start + 8192]])
+        for matrix in cost:
+            rows, cols = linear_sum_assignment(np.repeat(matrix, E // P, axis=1))
+            best = min(best, float(matrix[rows, cols // (E // P)].sum()))
+    return best
+
+
+@dataclass
+class ChainProgram:
+    """What the dynamic program leaves: the least matching part and a placement attaining it."""
+
+    matching: float
+    """Least matching part, in token hops."""
+    ranks: List[np.ndarray]
+    """Per layer, the rank of every expert."""
+    states: List[np.ndarray]
+    """Per layer, its balanced placements (``balanced_states``)."""
+    positions: List[np.ndarray]
+    """Per layer, each expert's digit in the states (its line)."""
+    followers: np.ndarray
+    """[L-1, E]: each layer pair's matching."""
+
+
+def chain_program(transitions: np.ndarray, counts: np.ndarray, limits: List[tuple], ep_size: int,
+                  gpus_per_node: int, progress: bool = False) -> ChainProgram:
+    """The matching part's dynamic program (module docstring) on integer top-1 ``transitions``
+    [L-1, E, E], expert ``counts`` [L, E] and each layer's (threshold, budget)."""
+    from tqdm import tqdm
+
+    L, E = counts.shape
+    P = ep_size
+    transform = _numba_transform(P, gpus_per_node)
+    if not applicable(E, P, gpus_per_node):
+        hint = "" if transform is not None else " (install numba for up to 4^16)"
+        limit = MAX_STATES if transform is not None else MAX_STATES_WITHOUT_NUMBA
+        raise FoldingError(f"the chain bound would need {P}^{E} states (at most {limit}){hint}")
+    if not np.allclose(transitions, np.round(transitions)):
+        raise FoldingError("the chain bound needs integer token flows")
+    hops = hop_costs(P, gpus_per_node)
+    # a hop inside a node costs the rank weight, across nodes the most
+    near_weight, far_weight = int(objective_weights("inference")[0]), int(hops.max())
+    followers, lines = matching_lines(transitions)
+    line_flows = np.stack([transitions[l][lines[l], followers[l][lines[l]]] for l in range(L - 1)]).astype(np.int64)
+    largest = int(line_flows.max(initial=0)) * far_weight
+    dtype = np.uint16 if int(line_flows.sum()) * far_weight + 2 * largest < 60_000 else np.uint32
+    infinity = np.iinfo(dtype).max - largest - 1                      # room for one more hop
+    positions, states = [], []
+    for layer in tqdm(range(L), desc="balanced placements", disable=not progress, leave=False):
+        position = np.empty(E, dtype=np.int64)
+        position[lines[layer]] = np.arange(E)
+        found = balanced_states(counts[layer], P, *limits[layer], position)
+        if not len(found):
+            raise FoldingError(f"layer {layer} has no placement within its balance limits")
+        positions.append(position)
+        states.append(found)
+    values = np.full(P ** E, infinity, dtype=dtype)
+    values[states[0]] = 0
+    kept = [np.zeros(len(states[0]), dtype=dtype)]
+    with tqdm(total=(L - 1) * E, desc="chain dynamic program", disable=not progress, leave=False) as bar:
+        for layer in range(L - 1):
+            for line in range(E):
+                flow = int(line_flows[layer, line])
+                near, far = dtype(flow * near_weight), dtype(flow * far_weight)
+                (transform or _transform_numpy)(values, P, P ** line, gpus_per_node, near, far)
+                bar.update()
+            kept.append(values[states[layer + 1]].copy())
+            values.fill(infinity)
+            values[states[layer + 1]] = kept[-1]
+    del values
+    # Back from the cheapest last state: at each layer the state that reaches the next one cheapest.
+    path = [state_digits(states[-1][[int(np.argmin(kept[-1]))]], E, P)[0]]
+    for layer in range(L - 2, -1, -1):
+        digits = state_digits(states[layer], E, P)
+        total = kept[layer].astype(np.int64) + (hops[digits, path[-1][None, :]] * line_flows[layer][None, :]).sum(axis=1)
+        path.append(digits[int(np.argmin(total))])
+    path.reverse()
+    ranks = [path[layer][positions[layer]] for layer in range(L)]
+    return ChainProgram(float(kept[-1].min()), ranks, states, positions, followers)
+
+
+def inference_chain_bound(trace: RoutingTrace, ep_size: int, gpus_per_node: int,
+                          balance_slack: float = DEFAULT_BALANCE_SLACK, sampling_noise: bool = False,
+                          progress: bool = False) -> ChainBound:
+    """The bound of the module docstring, and a placement with the least matching part."""
+    from tqdm import tqdm
+
+    check_sizes(trace.num_experts, ep_size, gpus_per_node, 0)
+    E, L, T, P = trace.num_experts, trace.num_layers, trace.num_tokens, ep_size
+    if L < 2:
+        raise FoldingError("the inference objective needs at least two MoE layers")
+    start = time.perf_counter()
+    transitions = trace.top1_transitions()
+    counts = trace.expert_counts().astype(np.float64)
+    limits = [_limits(trace, layer, counts[layer], P, E // P, balance_slack, sampling_noise) for layer in range(L)]
+    program = chain_program(transitions, counts, limits, P, gpus_per_node, progress)
+    placement = Placement.from_rank_assignment(E, P, gpus_per_node, [np.arange(E)] * L, program.ranks)
+    hops = hop_costs(P, gpus_per_node)
+    scale = (L - 1) * T
+    rest = 0.0
+    for layer in tqdm(range(L - 1), desc="rest of each layer pair", disable=not progress, leave=False):
+        flow = transitions[layer].copy()
+        flow[np.arange(E), program.followers[layer]] = 0.0
+        second = len(program.states[layer + 1]) < len(program.states[layer])
+        side = layer + 1 if second else layer
+        states = _one_per_orbit(program.states[side], program.positions[side], P, gpus_per_node)
+        rest += rest_bound(flow, states, program.positions[side], P, hops, second) / scale
+    matching = program.matching / scale
+    return ChainBound(matching + rest, matching, rest, placement, evaluate(placement, trace).cost("inference"),
+                      time.perf_counter() - start)
+
+
+def _one_per_orbit(states: np.ndarray, positions: np.ndarray, ep_size: int, gpus_per_node: int) -> np.ndarray:
+    """The states with expert 0 on rank 0 when relabelling nodes and ranks inside them reaches
+    every rank (whole nodes): the rest bound is the same on every relabelling of a state."""
+    if ep_size % gpus_per_node:
+        return states
+    return states[state_digits(states, len(positions), ep_size)[:, positions[0]] == 0]
