@@ -9,7 +9,7 @@ from scipy.optimize import linear_sum_assignment
 
 from folding.errors import FoldingError
 from folding.placement import chain_bound
-from folding.placement.chain_bound import _transform_numpy, hop_costs, inference_chain_bound
+from folding.placement.chain_bound import _transform_numpy, chain_program, hop_costs, inference_chain_bound
 from folding.placement.packing import balanced_packing
 from folding.placement.synth import SynthSpec, synthesize
 
@@ -21,27 +21,36 @@ def noise_free_limits(loads, slack):
     return rank_loads[-2], rank_loads[-1] * (1 + slack) - rank_loads[-2]
 
 
-def chain_minimum(trace, flows, slack):
-    """Least sum over layer pairs of sum_ij flows[l][i, j] hop(rank_i, rank_j) over balanced
-    placements, by dynamic programming over every balanced placement of each layer."""
+NODES = np.arange(P) // G
+HOPS = (np.arange(P)[:, None] != np.arange(P)[None, :]).astype(int) + (NODES[:, None] != NODES[None, :])
+EVERY = np.array([r for r in itertools.product(range(P), repeat=E) if all(r.count(k) == PER_RANK for k in range(P))])
+
+
+def feasible_placements(trace, slack):
     counts = trace.expert_counts().astype(float)
-    nodes = np.arange(P) // G
-    hops = (np.arange(P)[:, None] != np.arange(P)[None, :]) + (nodes[:, None] != nodes[None, :]).astype(float)
-    every = np.array([r for r in itertools.product(range(P), repeat=E) if all(r.count(k) == PER_RANK for k in range(P))])
-    feasible = []
+    out = []
     for layer in range(L):
         threshold, budget = noise_free_limits(counts[layer], slack)
-        loads = np.stack([np.bincount(r, weights=counts[layer], minlength=P) for r in every])
-        feasible.append(every[np.maximum(loads - threshold, 0).sum(axis=1) <= budget + 1e-9])
-    best = np.zeros(len(feasible[0]))
-    pair_minima = []
+        loads = np.stack([np.bincount(r, weights=counts[layer], minlength=P) for r in EVERY])
+        out.append(EVERY[np.maximum(loads - threshold, 0).sum(axis=1) <= budget + 1e-9])
+    return out
+
+
+def pair_costs(flow, first, second):
+    """cost[a, b] = sum_ij flow[i, j] hops[first[a]_i, second[b]_j]."""
+    into = np.einsum("ij,rs,bjs->bir", flow, HOPS.astype(float), np.eye(P)[second])
+    return np.eye(P)[first].reshape(len(first), E * P) @ into.reshape(len(second), -1).T
+
+
+def chain_minimum(feasible, flows, unary=None):
+    """Least sum over layer pairs of pair_costs (plus unary[l] per placement of layer l) over
+    every sequence of balanced placements, by dynamic programming."""
+    unary = unary or [np.zeros(len(f)) for f in feasible]
+    best = unary[0].astype(float)
     for layer in range(L - 1):
-        into = np.einsum("ij,rs,bjs->bir", flows[layer], hops, np.eye(P)[feasible[layer + 1]])
-        cost = np.eye(P)[feasible[layer]].reshape(len(feasible[layer]), E * P) @ into.reshape(len(feasible[layer + 1]), -1).T
-        pair_minima.append(cost.min())
-        best = (best[:, None] + cost).min(axis=0)
-    scale = (L - 1) * trace.num_tokens
-    return best.min() / scale, np.array(pair_minima) / scale
+        best = (best[:, None] + pair_costs(flows[layer], feasible[layer], feasible[layer + 1])).min(axis=0)
+        best = best + unary[layer + 1]
+    return best.min()
 
 
 @pytest.fixture(scope="module")
@@ -62,19 +71,28 @@ def split_flows(trace):
 
 
 def test_chain_bound_against_brute_force(trace):
-    optimum, _ = chain_minimum(trace, trace.top1_transitions(), 0.01)
+    scale = (L - 1) * trace.num_tokens
+    feasible = feasible_placements(trace, 0.01)
+    optimum = chain_minimum(feasible, trace.top1_transitions()) / scale
     matched, rest = split_flows(trace)
-    matching_minimum, _ = chain_minimum(trace, matched, 0.01)
-    _, rest_pair_minima = chain_minimum(trace, rest, 0.01)
+    # each pair's rest from either side, the other layer free (PER_RANK experts per rank, unbalanced)
+    unary = [np.zeros(len(f)) for f in feasible]
+    for layer in range(L - 1):
+        unary[layer] += pair_costs(rest[layer], feasible[layer], EVERY).min(axis=1) // 2
+        unary[layer + 1] += pair_costs(rest[layer], EVERY, feasible[layer + 1]).min(axis=0) // 2
+    expected = chain_minimum(feasible, matched, unary) / scale
     result = inference_chain_bound(trace, P, G, balance_slack=0.01)
-    # the matching part is exact; each pair's rest bound relaxes one layer, so it is at most the pair's minimum
-    assert result.matching == pytest.approx(matching_minimum, abs=1e-12)
-    assert result.rest <= rest_pair_minima.sum() + 1e-12
-    assert result.rest >= 0.9 * rest_pair_minima.sum()
+    assert result.bound == pytest.approx(expected, abs=1e-12)
     assert result.bound <= optimum + 1e-12 <= result.placement_cost + 2e-12
     assert result.bound == pytest.approx(result.matching + result.rest)
-    # the bound is worth having: the matching part alone is not the whole cost
-    assert result.bound > 1.2 * result.matching
+    # the rest is worth charging: the matching part alone is far lower
+    matching_minimum = chain_minimum(feasible, matched) / scale
+    assert result.bound > 1.5 * matching_minimum
+    # and the program alone reaches the matching part's exact minimum
+    counts = trace.expert_counts().astype(float)
+    limits = [noise_free_limits(counts[layer], 0.01) for layer in range(L)]
+    program = chain_program(trace.top1_transitions(), counts, limits, P, G)
+    assert program.matching / scale == pytest.approx(matching_minimum, abs=1e-12)
 
 
 def test_transform_is_the_min_plus_pass_with_hop_costs():

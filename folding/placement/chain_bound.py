@@ -5,9 +5,7 @@ report it next to the MILP's bound.
 The inference cost is a sum over consecutive layers of top-1 flows F_l[i, j] times the hop cost
 between the ranks of i and j. Split each F_l into its matching part (the flow from each expert
 to the follower that a maximum-weight matching of F_l gives it: most tokens that follow their
-expert go to one expert of the next layer) and the rest. Then
-
-    optimum >= least matching part over placements + sum over layer pairs of the least rest.
+expert go to one expert of the next layer) and the rest.
 
 - Matching part: follow each expert of layer 0 along the matchings (a "line"); the part is then
   a sum over lines of flow times the hop cost between the line's ranks at consecutive layers,
@@ -16,13 +14,16 @@ expert go to one expert of the next layer) and the rest. Then
   min-plus pass per line (a distance transform), then every state outside the next layer's
   balanced placements is dropped. The MILP's relaxation cannot see this price: fractional
   placements follow every line for free.
-- Rest of one layer pair: each balanced placement of the layer that has fewer, against the
-  other layer relaxed to E/P experts per rank (a linear assignment per placement).
+- Rest of a layer pair, given one layer's placement: at least its least value with the other
+  layer relaxed to E/P experts per rank (a linear assignment). Half of that bound from each
+  side of the pair is charged to every balanced placement of the two layers, inside the
+  dynamic program, so the rest is priced at the placements the chain goes through.
 
+The program's minimum is then a lower bound on the optimum, and its cheapest chain a placement.
 Balance is the MILP's rule (``milp`` explains it): exactly the fast solver's without sampling
 noise, a relaxation of it with noise, so the bound holds for both. States take 2 bytes (4 when
 2 do not hold the costs): 4^16 states are 8.6 GB and take about 12 minutes on 2 cores with
-numba (``pip install numba``); without numba, instances of at most 2^24 states.
+numba (``pip install 'folding[certify]'``), plus a few minutes of linear assignments; without numba, instances of at most 2^24 states.
 """
 
 from __future__ import annotations
@@ -53,16 +54,16 @@ MAX_FIRST_RANK_SETS = 20_000
 
 @dataclass
 class ChainBound:
-    """The bound, its two parts, and the placement that attains the matching part's minimum."""
+    """The bound, its two parts, and the placement that attains it."""
 
     bound: float
     """Proven lower bound on the inference cost of any balanced placement."""
     matching: float
-    """Least matching part (exact)."""
+    """The matching part of ``placement``."""
     rest: float
-    """Sum over layer pairs of the least rest (each pair apart)."""
+    """The bound on the rest at ``placement``: ``bound`` - ``matching``."""
     placement: Placement
-    """A placement with the least matching part: its cost is an upper bound on the optimum."""
+    """The placement that attains the bound: its cost is an upper bound on the optimum."""
     placement_cost: float
     seconds: float
 
@@ -193,22 +194,22 @@ def matching_lines(transitions: np.ndarray) -> tuple:
     return np.array(followers, dtype=np.int64), np.array(lines, dtype=np.int64)
 
 
-def rest_bound(rest_flow: np.ndarray, states: np.ndarray, positions: np.ndarray, ep_size: int,
-               hops: np.ndarray, transpose: bool) -> float:
-    """Least sum_ij rest_flow[i, j] hops[rank_i, rank_j] over the given placements of one layer
-    (``states``), the other layer relaxed to E/P experts per rank; ``transpose``: the states
-    belong to the second layer."""
+def rest_by_state(rest_flow: np.ndarray, states: np.ndarray, positions: np.ndarray, ep_size: int,
+                  hops: np.ndarray, transpose: bool) -> np.ndarray:
+    """int64, per placement of one layer (``states``): the least sum_ij rest_flow[i, j]
+    hops[rank_i, rank_j] with the other layer relaxed to E/P experts per rank (a linear
+    assignment); ``transpose``: the states belong to the second layer of the pair."""
     E, P = rest_flow.shape[0], ep_size
     flow = rest_flow.T if transpose else rest_flow
-    ranks = state_digits(states, E, P)[:, positions]                 # [N, E] rank of each expert
-    best = np.inf
-    for start in range(0, len(ranks), 8192):
+    out = np.empty(len(states), dtype=np.int64)
+    for start in range(0, len(states), 8192):
+        ranks = state_digits(states[start:start + 8192], E, P)[:, positions]   # rank of each expert
         # cost[n, j, h] = sum_i flow[i, j] hops[rank_n(i), h]
-        cost = np.einsum("ij,nih->njh", flow, hops[ranks[start:start + 8192]])
-        for matrix in cost:
+        cost = np.einsum("ij,nih->njh", flow, hops[ranks])
+        for n, matrix in enumerate(np.rint(cost).astype(np.int64)):
             rows, cols = linear_sum_assignment(np.repeat(matrix, E // P, axis=1))
-            best = min(best, float(matrix[rows, cols // (E // P)].sum()))
-    return best
+            out[start + n] = matrix[rows, cols // (E // P)].sum()
+    return out
 
 
 @dataclass
@@ -228,9 +229,10 @@ class ChainProgram:
 
 
 def chain_program(transitions: np.ndarray, counts: np.ndarray, limits: List[tuple], ep_size: int,
-                  gpus_per_node: int, progress: bool = False) -> ChainProgram:
+                  gpus_per_node: int, progress: bool = False, unary=None) -> ChainProgram:
     """The matching part's dynamic program (module docstring) on integer top-1 ``transitions``
-    [L-1, E, E], expert ``counts`` [L, E] and each layer's (threshold, budget)."""
+    [L-1, E, E], expert ``counts`` [L, E] and each layer's (threshold, budget). ``unary``: a
+    function (layer, states, positions) -> int64 cost of each state, added to the program."""
     from tqdm import tqdm
 
     L, E = counts.shape
@@ -259,9 +261,15 @@ def chain_program(transitions: np.ndarray, counts: np.ndarray, limits: List[tupl
             raise FoldingError(f"layer {layer} has no placement within its balance limits")
         positions.append(position)
         states.append(found)
+    extra = [np.zeros(len(found), dtype=np.int64) for found in states]
+    if unary is not None:
+        extra = [unary(layer, states[layer], positions[layer]) for layer in
+                 tqdm(range(L), desc="rest per placement", disable=not progress, leave=False)]
+        if int(line_flows.sum()) * far_weight + sum(int(e.max()) for e in extra) >= infinity:
+            dtype, infinity = np.uint32, np.iinfo(np.uint32).max - largest - 1
     values = np.full(P ** E, infinity, dtype=dtype)
-    values[states[0]] = 0
-    kept = [np.zeros(len(states[0]), dtype=dtype)]
+    values[states[0]] = extra[0]
+    kept = [extra[0].astype(dtype)]
     with tqdm(total=(L - 1) * E, desc="chain dynamic program", disable=not progress, leave=False) as bar:
         for layer in range(L - 1):
             for line in range(E):
@@ -269,7 +277,7 @@ def chain_program(transitions: np.ndarray, counts: np.ndarray, limits: List[tupl
                 near, far = dtype(flow * near_weight), dtype(flow * far_weight)
                 (transform or _transform_numpy)(values, P, P ** line, gpus_per_node, near, far)
                 bar.update()
-            kept.append(values[states[layer + 1]].copy())
+            kept.append(np.minimum(values[states[layer + 1]] + extra[layer + 1], infinity).astype(dtype))
             values.fill(infinity)
             values[states[layer + 1]] = kept[-1]
     del values
@@ -287,9 +295,7 @@ def chain_program(transitions: np.ndarray, counts: np.ndarray, limits: List[tupl
 def inference_chain_bound(trace: RoutingTrace, ep_size: int, gpus_per_node: int,
                           balance_slack: float = DEFAULT_BALANCE_SLACK, sampling_noise: bool = False,
                           progress: bool = False) -> ChainBound:
-    """The bound of the module docstring, and a placement with the least matching part."""
-    from tqdm import tqdm
-
+    """The bound of the module docstring, and the placement that attains it."""
     check_sizes(trace.num_experts, ep_size, gpus_per_node, 0)
     E, L, T, P = trace.num_experts, trace.num_layers, trace.num_tokens, ep_size
     if L < 2:
@@ -298,26 +304,26 @@ def inference_chain_bound(trace: RoutingTrace, ep_size: int, gpus_per_node: int,
     transitions = trace.top1_transitions()
     counts = trace.expert_counts().astype(np.float64)
     limits = [_limits(trace, layer, counts[layer], P, E // P, balance_slack, sampling_noise) for layer in range(L)]
-    program = chain_program(transitions, counts, limits, P, gpus_per_node, progress)
-    placement = Placement.from_rank_assignment(E, P, gpus_per_node, [np.arange(E)] * L, program.ranks)
     hops = hop_costs(P, gpus_per_node)
+    followers, _ = matching_lines(transitions)
+    rests = transitions.copy()
+    for layer in range(L - 1):
+        rests[layer, np.arange(E), followers[layer]] = 0.0
+
+    def rest_halves(layer: int, states: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        # Each pair's rest is at least half its bound from either side (rounded down).
+        total = np.zeros(len(states), dtype=np.int64)
+        if layer + 1 < L:
+            total += rest_by_state(rests[layer], states, positions, P, hops, False) // 2
+        if layer > 0:
+            total += rest_by_state(rests[layer - 1], states, positions, P, hops, True) // 2
+        return total
+
+    program = chain_program(transitions, counts, limits, P, gpus_per_node, progress, unary=rest_halves)
+    placement = Placement.from_rank_assignment(E, P, gpus_per_node, [np.arange(E)] * L, program.ranks)
     scale = (L - 1) * T
-    rest = 0.0
-    for layer in tqdm(range(L - 1), desc="rest of each layer pair", disable=not progress, leave=False):
-        flow = transitions[layer].copy()
-        flow[np.arange(E), program.followers[layer]] = 0.0
-        second = len(program.states[layer + 1]) < len(program.states[layer])
-        side = layer + 1 if second else layer
-        states = _one_per_orbit(program.states[side], program.positions[side], P, gpus_per_node)
-        rest += rest_bound(flow, states, program.positions[side], P, hops, second) / scale
-    matching = program.matching / scale
-    return ChainBound(matching + rest, matching, rest, placement, evaluate(placement, trace).cost("inference"),
+    matching = sum(float(transitions[l][np.arange(E), followers[l]]
+                         @ hops[program.ranks[l], program.ranks[l + 1][followers[l]]]) for l in range(L - 1)) / scale
+    bound = program.matching / scale
+    return ChainBound(bound, matching, bound - matching, placement, evaluate(placement, trace).cost("inference"),
                       time.perf_counter() - start)
-
-
-def _one_per_orbit(states: np.ndarray, positions: np.ndarray, ep_size: int, gpus_per_node: int) -> np.ndarray:
-    """The states with expert 0 on rank 0 when relabelling nodes and ranks inside them reaches
-    every rank (whole nodes): the rest bound is the same on every relabelling of a state."""
-    if ep_size % gpus_per_node:
-        return states
-    return states[state_digits(states, len(positions), ep_size)[:, positions[0]] == 0]
