@@ -6,7 +6,7 @@ inter-layer affinity, the exact MILP certificate on 16 experts x 8 layers x 4 ra
 at two scales, and stability under routing drift. Prints a side-by-side table per section and
 ends with one JSON line of the figures and of each target's verdict.
 
-    python tools/bench_place.py            # 10 to 20 minutes on 2 cores, most of it in the MILPs
+    python tools/bench_place.py            # about 45 minutes on 2 cores, most of it in the certificate
     python tools/bench_place.py --quick    # smaller traces, no certificate: a smoke run
     python tools/bench_place.py --sections certificate   # one section
 """
