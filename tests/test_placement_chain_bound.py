@@ -133,3 +133,7 @@ def test_chain_bound_refuses_what_it_cannot_do(trace, monkeypatch):
         inference_chain_bound(synthesize(SynthSpec(16, 2, 100, 2)), 4, 2)
     with pytest.raises(FoldingError, match="does not divide"):
         inference_chain_bound(trace, 3, 1)
+    # 4^8 states of 2 bytes do not fit in 100 kB
+    monkeypatch.setattr(chain_bound, "available_memory", lambda: 100_000)
+    with pytest.raises(FoldingError, match=r"needs 0 MiB for its states and 0 MiB are available"):
+        inference_chain_bound(trace, P, G)

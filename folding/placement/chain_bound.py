@@ -78,6 +78,26 @@ def applicable(num_experts: int, ep_size: int, gpus_per_node: int, max_states: O
             and math.comb(num_experts, num_experts // ep_size) <= MAX_FIRST_RANK_SETS)
 
 
+def available_memory() -> Optional[int]:
+    """Bytes the kernel reports available (MemAvailable), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_memory(needed: int) -> None:
+    """Refuse before allocating the states when they would not fit in memory."""
+    available = available_memory()
+    if available is not None and needed > available:
+        raise FoldingError(f"the chain bound needs {needed / 2 ** 20:,.0f} MiB for its states and "
+                           f"{available / 2 ** 20:,.0f} MiB are available")
+
+
 def hop_costs(ep_size: int, gpus_per_node: int) -> np.ndarray:
     """int64 [P, P]: the solver's inference hop costs, which must be integers here."""
     hops = hop_matrix(np.arange(ep_size) // gpus_per_node, *objective_weights("inference"))
@@ -267,6 +287,7 @@ def chain_program(transitions: np.ndarray, counts: np.ndarray, limits: List[tupl
                  tqdm(range(L), desc="rest per placement", disable=not progress, leave=False)]
         if int(line_flows.sum()) * far_weight + sum(int(e.max()) for e in extra) >= infinity:
             dtype, infinity = np.uint32, np.iinfo(np.uint32).max - largest - 1
+    check_memory(P ** E * np.dtype(dtype).itemsize)
     values = np.full(P ** E, infinity, dtype=dtype)
     values[states[0]] = extra[0]
     kept = [extra[0].astype(dtype)]
