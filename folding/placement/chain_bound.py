@@ -22,8 +22,10 @@ expert go to one expert of the next layer) and the rest.
 The program's minimum is then a lower bound on the optimum, and its cheapest chain a placement.
 Balance is the MILP's rule (``milp`` explains it): exactly the fast solver's without sampling
 noise, a relaxation of it with noise, so the bound holds for both. States take 2 bytes (4 when
-2 do not hold the costs): 4^16 states are 8.6 GB and take about 12 minutes on 2 cores with
-numba (``pip install 'folding[certify]'``), plus a few minutes of linear assignments; without numba, instances of at most 2^24 states.
+2 do not hold the costs): 4^16 states are 8.6 GB, and 16 experts x 8 layers x 4 ranks take
+about 10 minutes of dynamic program on 2 cores with numba (``pip install 'folding[certify]'``)
+plus several of linear assignments (27 minutes in all on cores shared with the test suite);
+without numba, instances of at most 2^24 states.
 """
 
 from __future__ import annotations
