@@ -92,7 +92,7 @@ def test_chain_bound_against_brute_force(trace):
     counts = trace.expert_counts().astype(float)
     limits = [noise_free_limits(counts[layer], 0.01) for layer in range(L)]
     program = chain_program(trace.top1_transitions(), counts, limits, P, G)
-    assert program.matching / scale == pytest.approx(matching_minimum, abs=1e-12)
+    assert program.least / scale == pytest.approx(matching_minimum, abs=1e-12)
 
 
 def test_transform_is_the_min_plus_pass_with_hop_costs():

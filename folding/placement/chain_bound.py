@@ -70,12 +70,15 @@ class ChainBound:
     seconds: float
 
 
+def _state_limit(ep_size: int, gpus_per_node: int) -> int:
+    return MAX_STATES if _numba_transform(ep_size, gpus_per_node) is not None else MAX_STATES_WITHOUT_NUMBA
+
+
 def applicable(num_experts: int, ep_size: int, gpus_per_node: int, max_states: Optional[int] = None) -> bool:
     """Whether the dynamic program takes this many states (more with numba than without) and
     the enumeration this many choices of rank 0's experts."""
     if max_states is None:
-        with_numba = _numba_transform(ep_size, gpus_per_node) is not None
-        max_states = MAX_STATES if with_numba else MAX_STATES_WITHOUT_NUMBA
+        max_states = _state_limit(ep_size, gpus_per_node)
     return (ep_size ** num_experts <= max_states
             and math.comb(num_experts, num_experts // ep_size) <= MAX_FIRST_RANK_SETS)
 
@@ -108,6 +111,12 @@ def hop_costs(ep_size: int, gpus_per_node: int) -> np.ndarray:
     return hops.astype(np.int64)
 
 
+@functools.lru_cache(maxsize=8)
+def _rest_partitions(count: int, parts: int, size: int) -> np.ndarray:
+    """``_ordered_partitions`` of range(count), kept: every layer of an instance asks for the same."""
+    return _ordered_partitions(list(range(count)), parts, size)
+
+
 def _ordered_partitions(items: List[int], parts: int, size: int) -> np.ndarray:
     """int64 [N, parts, size]: every split of ``items`` into ``parts`` labelled groups of ``size``."""
     if parts == 1:
@@ -128,7 +137,7 @@ def balanced_states(loads: np.ndarray, ep_size: int, threshold: float, budget: f
     E, P = len(loads), ep_size
     S = E // P
     place = np.uint64(P) ** positions.astype(np.uint64)
-    rest = _ordered_partitions(list(range(E - S)), P - 1, S) if P > 1 else np.zeros((1, 0, S), np.int64)
+    rest = _rest_partitions(E - S, P - 1, S) if P > 1 else np.zeros((1, 0, S), np.int64)
     found = []
     for first in itertools.combinations(range(E), S):
         first = np.array(first)
@@ -236,10 +245,10 @@ def rest_by_state(rest_flow: np.ndarray, states: np.ndarray, positions: np.ndarr
 
 @dataclass
 class ChainProgram:
-    """What the dynamic program leaves: the least matching part and a placement attaining it."""
+    """What the dynamic program leaves: its least total and a placement attaining it."""
 
-    matching: float
-    """Least matching part, in token hops."""
+    least: float
+    """Least matching part plus unary costs over sequences of balanced placements, in token hops."""
     ranks: List[np.ndarray]
     """Per layer, the rank of every expert."""
     states: List[np.ndarray]
@@ -262,8 +271,9 @@ def chain_program(transitions: np.ndarray, counts: np.ndarray, limits: List[tupl
     transform = _numba_transform(P, gpus_per_node)
     if not applicable(E, P, gpus_per_node):
         hint = "" if transform is not None else " (install numba for up to 4^16)"
-        limit = MAX_STATES if transform is not None else MAX_STATES_WITHOUT_NUMBA
-        raise FoldingError(f"the chain bound would need {P}^{E} states (at most {limit}){hint}")
+        raise FoldingError(f"the chain bound would need {P}^{E} states (at most {_state_limit(P, gpus_per_node)}) "
+                           f"and {math.comb(E, E // P)} choices of rank 0's experts (at most "
+                           f"{MAX_FIRST_RANK_SETS}){hint}")
     if not np.allclose(transitions, np.round(transitions)):
         raise FoldingError("the chain bound needs integer token flows")
     hops = hop_costs(P, gpus_per_node)
@@ -347,6 +357,6 @@ def inference_chain_bound(trace: RoutingTrace, ep_size: int, gpus_per_node: int,
     scale = (L - 1) * T
     matching = sum(float(transitions[l][np.arange(E), followers[l]]
                          @ hops[program.ranks[l], program.ranks[l + 1][followers[l]]]) for l in range(L - 1)) / scale
-    bound = program.matching / scale
+    bound = program.least / scale
     return ChainBound(bound, matching, bound - matching, placement, evaluate(placement, trace).cost("inference"),
                       time.perf_counter() - start)
