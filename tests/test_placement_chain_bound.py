@@ -1,8 +1,6 @@
 """The chain bound on the inference objective, against brute force: every balanced placement of
 every layer chained by dynamic programming, on instances small enough to enumerate."""
 
-import itertools
-
 import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
@@ -10,47 +8,9 @@ from scipy.optimize import linear_sum_assignment
 from folding.errors import FoldingError
 from folding.placement import chain_bound
 from folding.placement.chain_bound import _transform_numpy, chain_program, hop_costs, inference_chain_bound
-from folding.placement.packing import balanced_packing
 from folding.placement.synth import SynthSpec, synthesize
 
-E, L, P, G, PER_RANK = 8, 4, 4, 2, 2
-
-
-def noise_free_limits(loads, slack):
-    rank_loads = np.sort(np.bincount(balanced_packing(loads, P, PER_RANK), weights=loads, minlength=P))
-    return rank_loads[-2], rank_loads[-1] * (1 + slack) - rank_loads[-2]
-
-
-NODES = np.arange(P) // G
-HOPS = (np.arange(P)[:, None] != np.arange(P)[None, :]).astype(int) + (NODES[:, None] != NODES[None, :])
-EVERY = np.array([r for r in itertools.product(range(P), repeat=E) if all(r.count(k) == PER_RANK for k in range(P))])
-
-
-def feasible_placements(trace, slack):
-    counts = trace.expert_counts().astype(float)
-    out = []
-    for layer in range(L):
-        threshold, budget = noise_free_limits(counts[layer], slack)
-        loads = np.stack([np.bincount(r, weights=counts[layer], minlength=P) for r in EVERY])
-        out.append(EVERY[np.maximum(loads - threshold, 0).sum(axis=1) <= budget + 1e-9])
-    return out
-
-
-def pair_costs(flow, first, second):
-    """cost[a, b] = sum_ij flow[i, j] hops[first[a]_i, second[b]_j]."""
-    into = np.einsum("ij,rs,bjs->bir", flow, HOPS.astype(float), np.eye(P)[second])
-    return np.eye(P)[first].reshape(len(first), E * P) @ into.reshape(len(second), -1).T
-
-
-def chain_minimum(feasible, flows, unary=None):
-    """Least sum over layer pairs of pair_costs (plus unary[l] per placement of layer l) over
-    every sequence of balanced placements, by dynamic programming."""
-    unary = unary or [np.zeros(len(f)) for f in feasible]
-    best = unary[0].astype(float)
-    for layer in range(L - 1):
-        best = (best[:, None] + pair_costs(flows[layer], feasible[layer], feasible[layer + 1])).min(axis=0)
-        best = best + unary[layer + 1]
-    return best.min()
+from placement_brute_force import E, EVERY, G, L, P, chain_minimum, feasible_placements, noise_free_limits, pair_costs
 
 
 @pytest.fixture(scope="module")
@@ -58,33 +18,62 @@ def trace():
     return synthesize(SynthSpec(E, L, 800, 2, affinity=0.7, skew=0.5, group_size=2, seed=5, token_seed=5))
 
 
-def split_flows(trace):
-    """Each layer pair's flows on its maximum-weight matching, and the rest."""
+def split_flows(trace, share=1.0):
+    """Each layer pair's flows on its maximum-weight matching (``share`` of them, rounded
+    down), and the rest."""
     matched, rest = [], []
     for flow in trace.top1_transitions():
         rows, cols = linear_sum_assignment(-flow)
         on = np.zeros_like(flow)
-        on[rows, cols] = flow[rows, cols]
+        on[rows, cols] = np.floor(share * flow[rows, cols])
         matched.append(on)
         rest.append(flow - on)
     return matched, rest
 
 
-def test_chain_bound_against_brute_force(trace):
-    scale = (L - 1) * trace.num_tokens
-    feasible = feasible_placements(trace, 0.01)
-    optimum = chain_minimum(feasible, trace.top1_transitions()) / scale
-    matched, rest = split_flows(trace)
+def brute_force_bound(trace, feasible, share):
+    matched, rest = split_flows(trace, share)
     # each pair's rest from either side, the other layer free (PER_RANK experts per rank, unbalanced)
     unary = [np.zeros(len(f)) for f in feasible]
     for layer in range(L - 1):
         unary[layer] += pair_costs(rest[layer], feasible[layer], EVERY).min(axis=1) // 2
         unary[layer + 1] += pair_costs(rest[layer], EVERY, feasible[layer + 1]).min(axis=0) // 2
-    expected = chain_minimum(feasible, matched, unary) / scale
-    result = inference_chain_bound(trace, P, G, balance_slack=0.01)
+    return chain_minimum(feasible, matched, unary) / ((L - 1) * trace.num_tokens)
+
+
+@pytest.mark.parametrize("share", [1.0, 0.9, 0.5])
+def test_chain_bound_against_brute_force(trace, share):
+    scale = (L - 1) * trace.num_tokens
+    feasible = feasible_placements(trace, 0.01)
+    optimum = chain_minimum(feasible, trace.top1_transitions()) / scale
+    expected = brute_force_bound(trace, feasible, share)
+    result = inference_chain_bound(trace, P, G, balance_slack=0.01, line_share=share)
     assert result.bound == pytest.approx(expected, abs=1e-12)
     assert result.bound <= optimum + 1e-12 <= result.placement_cost + 2e-12
     assert result.bound == pytest.approx(result.matching + result.rest)
+    if share == 1.0:
+        return
+    # a wrong split (the program charging the matched flow in full while the assignments also
+    # see part of it) would count that part twice and is caught
+    assert brute_force_bound(trace, feasible, 1.0) != pytest.approx(expected, abs=1e-9)
+
+
+def test_a_share_of_the_matched_flow_in_the_assignments_lifts_the_bound(trace):
+    feasible = feasible_placements(trace, 0.01)
+    scale = (L - 1) * trace.num_tokens
+    optimum = chain_minimum(feasible, trace.top1_transitions()) / scale
+    full = inference_chain_bound(trace, P, G, balance_slack=0.01, line_share=1.0).bound
+    shared = inference_chain_bound(trace, P, G, balance_slack=0.01).bound
+    assert full < shared <= optimum + 1e-12
+    with pytest.raises(FoldingError, match="line share 1.5 must lie in"):
+        inference_chain_bound(trace, P, G, line_share=1.5)
+
+
+def test_program_alone_reaches_the_matching_minimum(trace):
+    scale = (L - 1) * trace.num_tokens
+    feasible = feasible_placements(trace, 0.01)
+    result = inference_chain_bound(trace, P, G, balance_slack=0.01, line_share=1.0)
+    matched, _ = split_flows(trace)
     # the rest is worth charging: the matching part alone is far lower
     matching_minimum = chain_minimum(feasible, matched) / scale
     assert result.bound > 1.5 * matching_minimum

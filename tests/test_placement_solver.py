@@ -375,8 +375,11 @@ def test_time_limit_still_returns_a_valid_placement():
 
 
 @pytest.mark.parametrize("seed, node_first_wins", [(14, False), (17, True)])
-def test_small_inference_keeps_the_cheaper_of_the_flat_and_node_first_starts(seed, node_first_wins):
+def test_small_inference_keeps_the_cheaper_of_the_flat_and_node_first_starts(seed, node_first_wins, monkeypatch):
+    from folding.placement import node_program
     from folding.placement.solver import DEFAULT_BALANCE_SLACK, build_items, inference_search
+
+    monkeypatch.setattr(node_program, "MAX_NODE_STATES", 0)  # these two starts alone
 
     trace = synthesize(SynthSpec(16, 3, 1500, 2, coactivation=0.5, affinity=0.7, group_size=4, seed=seed,
                                  token_seed=seed))
@@ -396,9 +399,10 @@ def test_small_inference_keeps_the_cheaper_of_the_flat_and_node_first_starts(see
 def test_small_inference_keeps_the_chain_start_when_it_is_cheaper(seed, chain_start_wins, monkeypatch):
     """12 experts x 4 ranks (4^12 states): the solver also searches from the chain program's
     placement and keeps it only when cheaper; the chain bound stays below what it keeps."""
-    from folding.placement import solver
+    from folding.placement import node_program, solver
     from folding.placement.chain_bound import inference_chain_bound
 
+    monkeypatch.setattr(node_program, "MAX_NODE_STATES", 0)  # the node-split start reaches 0.477 too
     trace = synthesize(SynthSpec(12, 4, 1500, 2, coactivation=0.7, affinity=0.7, group_size=4, seed=seed,
                                  token_seed=seed))
     result = solve(trace, 4, 2, "inference", sampling_noise=False)
@@ -412,6 +416,24 @@ def test_small_inference_keeps_the_chain_start_when_it_is_cheaper(seed, chain_st
     else:
         assert cost == pytest.approx(without_cost, abs=1e-12)  # seed 5: 0.446 either way
     assert inference_chain_bound(trace, 4, 2).bound <= cost
+
+
+def test_small_inference_keeps_the_node_split_start_when_it_is_cheaper(monkeypatch):
+    """The certificate's instance (16 experts x 8 layers x 4 ranks in 2 nodes, noise-free
+    balance): the node-split start reaches 0.488 where the other starts stop at 0.536."""
+    from folding.placement import node_program
+
+    trace, _ = synthesize(SynthSpec(16, 8, 8000, 2, coactivation=0.7, affinity=0.7, group_size=4)).split(0.5)
+    result = solve(trace, 4, 2, "inference", sampling_noise=False)
+    monkeypatch.setattr(node_program, "MAX_NODE_STATES", 0)
+    without = solve(trace, 4, 2, "inference", sampling_noise=False)
+    assert result.info["node_split_start"] is True and "node_split_start" not in without.info
+    cost, without_cost = (evaluate(r.placement, trace).cost("inference") for r in (result, without))
+    assert cost < 0.92 * without_cost
+    # and it leaves no start out when time is short: none past the deadline
+    hurried = solve(trace, 4, 2, "inference", sampling_noise=False, time_limit=1.0)
+    assert "node_split_start" not in hurried.info
+    hurried.placement.validate(num_experts=16, num_layers=8, ep_size=4)
 
 
 # ----------------------------------------------------------------------------- baselines

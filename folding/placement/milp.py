@@ -17,7 +17,7 @@ linearised:
   the root, where bounding each host's stays by the flows alone gave 0 (and 0.22 after 400 s of
   branching). It stays weak: the relaxation sees each layer pair apart, while a placement has to
   follow one assignment through all layers, and that is where the cost lies. ``chain_bound``
-  prices that exactly for the flow along each layer pair's matching and reaches 0.41 there.
+  prices that exactly for the flow along each layer pair's matching and reaches 0.47 there.
 
 Balance: sum over ranks of max(load_r - t, 0) <= budget with t and budget from
 ``solver.balance_limits``. Without sampling noise that is exactly the fast solver's constraint

@@ -18,9 +18,11 @@ a previous placement fixes them. Each item is a replica; its pairs are the exper
   search. A forward pass follows the layer before; later passes use both neighbours until none
   improves (on large instances they only improve the current placement by swaps); small
   instances get iterated local search over layers, small multi-node ones a second start
-  searched with node hops weighted heavily first (nodes settle before the ranks in them), and
+  searched with node hops weighted heavily first (nodes settle before the ranks in them),
   instances of at most 4^12 rank assignments a third from the placement that follows each
-  layer pair's matching at least cost (``chain_bound``); the cheapest is kept.
+  layer pair's matching at least cost (``chain_bound``), and those with few enough node
+  placements a fourth from a dynamic program over layers at the node level, then the rank
+  level (``node_program``); the cheapest is kept.
 - with a previous placement both start from it and move at most ``max_moved`` of each layer's
   items (training also tries a fresh solution relabelled to match the previous one).
 """
@@ -352,6 +354,18 @@ def solve_inference(trace: RoutingTrace, layers: List[LayerItems], rank_nodes: n
             items.ranks = ranks[items.experts].copy()
         search(node_weight, resume=True)
         keep_if_cheaper("chain_start")
+    if node_split_fits(trace, layers, rank_nodes, deadline):
+        from folding.placement.node_program import node_split_program
+
+        ranks = node_split_program(
+            np.stack([transitions[l][np.ix_(layers[l].experts, layers[l + 1].experts)] for l in range(len(layers) - 1)]),
+            [i.loads for i in layers], [i.affinity() for i in layers],
+            [(i.threshold, i.excess_budget) for i in layers], hops, int(np.sum(rank_nodes == 0)), layers[0].noise)
+        if ranks is not None:
+            for items, layer_ranks in zip(layers, ranks):
+                items.ranks = layer_ranks
+            search(node_weight, resume=True)
+            keep_if_cheaper("node_split_start")
     return info
 
 
@@ -371,6 +385,20 @@ def chain_start_fits(trace: RoutingTrace, layers: List[LayerItems], rank_nodes: 
     if len(layers[0].experts) != E or P % per_node or not applicable(E, P, per_node, CHAIN_START_MAX_STATES):
         return False
     seconds = 1e-8 * P ** E * E * (len(layers) - 1)
+    return deadline is None or time.perf_counter() + seconds < deadline
+
+
+def node_split_fits(trace: RoutingTrace, layers: List[LayerItems], rank_nodes: np.ndarray,
+                    deadline: Optional[float]) -> bool:
+    """Whether the node-split start applies (one item per expert, several whole nodes, few
+    enough placements: ``node_program.applicable``) and its estimated time is left."""
+    from folding.placement import node_program
+
+    E, P = trace.num_experts, len(rank_nodes)
+    per_node = int(np.sum(rank_nodes == 0))
+    if len(layers[0].experts) != E or not node_program.applicable(E, P, per_node):
+        return False
+    seconds = node_program.estimated_seconds(E, P, per_node, len(layers))
     return deadline is None or time.perf_counter() + seconds < deadline
 
 
