@@ -418,6 +418,20 @@ def test_small_inference_keeps_the_chain_start_when_it_is_cheaper(seed, chain_st
     assert inference_chain_bound(trace, 4, 2).bound <= cost
 
 
+def test_small_inference_starts_keep_the_sampling_noise_balance_rule():
+    """The chain program balances by fitted loads only; its start is repaired before the search,
+    so that, as every other start, it ends within each layer's budget under the default rule
+    (before the repair, 4 of these 6 layers were over)."""
+    from folding.placement.solver import DEFAULT_BALANCE_SLACK, build_items, layer_search
+
+    trace, _ = synthesize(SynthSpec(12, 6, 6000, 2, coactivation=0.7, affinity=0.7, group_size=4)).split(0.5)
+    result = solve(trace, 4, 2, "inference")
+    assert result.info["chain_start"] is True
+    for layer, items in enumerate(build_items(trace, 4, 0, DEFAULT_BALANCE_SLACK)):
+        items.ranks = np.array([result.placement.ranks_of(layer, e)[0] for e in items.experts])
+        assert layer_search(items, np.arange(4) // 2).within_budget(), layer
+
+
 def test_small_inference_keeps_the_node_split_start_when_it_is_cheaper(monkeypatch):
     """The certificate's instance (16 experts x 8 layers x 4 ranks in 2 nodes, noise-free
     balance): the node-split start reaches 0.488 where the other starts stop at 0.536."""

@@ -332,11 +332,28 @@ def solve_inference(trace: RoutingTrace, layers: List[LayerItems], rank_nodes: n
     def keep_if_cheaper(name: str) -> None:
         nonlocal best, best_cost
         cost = inference_hop_cost(layers, transitions, hops, trace.num_experts)
-        info[name] = cost < best_cost
+        info[name] = cost < best_cost and all(layer_search(items, rank_nodes).within_budget() for items in layers)
         if info[name]:
             best, best_cost = [i.ranks.copy() for i in layers], cost
         for items, ranks in zip(layers, best):
             items.ranks = ranks.copy()
+
+    def search_from_start(name: str, ranks: List[np.ndarray]) -> None:
+        # A start balanced by another rule (the chain program's ignores sampling noise) is
+        # repaired first, by the swaps that cost the fewest hops to the neighbouring layers.
+        for items, layer_ranks in zip(layers, ranks):
+            items.ranks = layer_ranks.copy()
+        for layer, items in enumerate(layers):
+            repair = layer_search(items, rank_nodes, inference_linear_cost(layer, layers, transitions, hops,
+                                                                           trace.num_experts))
+            if not repair.repair():
+                info[name] = False
+                for items, layer_ranks in zip(layers, best):
+                    items.ranks = layer_ranks.copy()
+                return
+            items.ranks = repair.rank
+        search(node_weight, resume=True)
+        keep_if_cheaper(name)
 
     if rank_nodes.max() > 0 and len(layers[0].experts) <= NODE_FIRST_MAX_ITEMS:
         for items, ranks in zip(layers, start):
@@ -350,10 +367,7 @@ def solve_inference(trace: RoutingTrace, layers: List[LayerItems], rank_nodes: n
         program = chain_program(transitions, trace.expert_counts().astype(np.float64),
                                 [(i.threshold, i.excess_budget) for i in layers], len(rank_nodes),
                                 int(np.sum(rank_nodes == 0)))
-        for items, ranks in zip(layers, program.ranks):
-            items.ranks = ranks[items.experts].copy()
-        search(node_weight, resume=True)
-        keep_if_cheaper("chain_start")
+        search_from_start("chain_start", [ranks[items.experts] for items, ranks in zip(layers, program.ranks)])
     if node_split_fits(trace, layers, rank_nodes, deadline):
         from folding.placement.node_program import node_split_program
 
@@ -362,10 +376,7 @@ def solve_inference(trace: RoutingTrace, layers: List[LayerItems], rank_nodes: n
             [i.loads for i in layers], [i.affinity() for i in layers],
             [(i.threshold, i.excess_budget) for i in layers], hops, int(np.sum(rank_nodes == 0)), layers[0].noise)
         if ranks is not None:
-            for items, layer_ranks in zip(layers, ranks):
-                items.ranks = layer_ranks
-            search(node_weight, resume=True)
-            keep_if_cheaper("node_split_start")
+            search_from_start("node_split_start", ranks)
     return info
 
 
@@ -386,6 +397,13 @@ def chain_start_fits(trace: RoutingTrace, layers: List[LayerItems], rank_nodes: 
         return False
     seconds = 1e-8 * P ** E * E * (len(layers) - 1)
     return deadline is None or time.perf_counter() + seconds < deadline
+
+
+def layer_search(items: LayerItems, rank_nodes: np.ndarray, linear: Optional[np.ndarray] = None) -> LayerSearch:
+    """The search of one inference layer at its current ranks: balance limits, and hop costs
+    to fixed neighbours as ``linear`` (``inference_linear_cost``)."""
+    return LayerSearch(items.ranks, items.loads, rank_nodes, items.threshold, items.excess_budget,
+                       items.affinity(), 0.0, 0.0, linear=linear, noise=items.noise)
 
 
 def node_split_fits(trace: RoutingTrace, layers: List[LayerItems], rank_nodes: np.ndarray,
