@@ -64,8 +64,8 @@ def test_resume_under_another_folding(runs, second):
     # Re-sharded, the same function from the same state: within folding verify's loss tolerance
     # while every token routes as before (measured: at most 6e-8, rounding of another reduction
     # order). A near-tie that routes one token to another expert moves the loss by more from
-    # there on (measured with numpy 2.4.6: TP1 EP8 from the 18th resumed step, 4.7e-5, then
-    # 2.7e-6 and 1.9e-5); a re-sharding error shows from the first steps, far above both.
+    # there on (measured on a fresh install in December 2026: TP1 EP8 from the 18th resumed
+    # step, 4.7e-5, then 2.7e-6 and 1.9e-5); a re-sharding error shows from the first steps.
     assert len(rel) == 20
     assert max(rel[:10]) <= 1e-5
     assert max(rel) <= 1e-3
