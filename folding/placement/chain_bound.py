@@ -28,7 +28,7 @@ Balance is the MILP's rule (``milp`` explains it): exactly the fast solver's wit
 noise, a relaxation of it with noise, so the bound holds for both. States take 2 bytes (4 when
 2 do not hold the costs): 4^16 states are 8.6 GB, and 16 experts x 8 layers x 4 ranks take
 about 10 minutes of dynamic program on 2 cores with numba (``pip install 'folding[certify]'``)
-plus several of linear assignments (17 to 27 minutes in all on cores shared with other work);
+plus several of linear assignments (17 to 40 minutes in all on cores shared with other work);
 without numba, instances of at most 2^24 states.
 """
 

@@ -36,7 +36,7 @@ KEEP = 16
 1 gives 1.381 (the node labels of its layers disagree), 16 gives 0.488 in 6 s, 64 the same in 23 s."""
 
 
-def sizes(num_experts: int, ep_size: int, gpus_per_node: int, keep: int = KEEP) -> tuple:
+def sizes(num_experts: int, ep_size: int, gpus_per_node: int) -> tuple:
     """(node placements, rank splits per node placement) of the program."""
     nodes = ep_size // gpus_per_node
     per_node, per_rank = num_experts // nodes, num_experts // ep_size
@@ -74,6 +74,13 @@ def _group_excess(members: np.ndarray, loads: np.ndarray, affinity: Optional[np.
     else:
         inner = 0.5 * affinity[members[..., :, None], members[..., None, :]].sum(axis=(-1, -2))
     return expected_excess(load, inner, threshold, noise)
+
+
+def _pair_kernel(flow: np.ndarray, costs: np.ndarray) -> np.ndarray:
+    """[E*H, E*H]: flow[i, j] * costs[a, b] at (i*H + a, j*H + b), so that one-hot placements
+    x and y over H hosts give the pair's cost as x @ kernel @ y."""
+    E, H = flow.shape[0], costs.shape[0]
+    return np.einsum("ij,ab->iajb", flow, costs).reshape(E * H, E * H)
 
 
 def _least_pass(values: np.ndarray, first: np.ndarray, flow: np.ndarray, second: np.ndarray):
@@ -120,13 +127,14 @@ def node_split_program(transitions: np.ndarray, loads: List[np.ndarray], affinit
     for n in range(N):
         node_of[np.arange(len(nodes))[:, None], nodes[:, n]] = n
 
+    # each layer's excess budget, up to rounding
+    budgets = [budget + 1e-9 * max(1.0, float(layer_loads.sum())) for (_, budget), layer_loads in zip(limits, loads)]
     feasible, best_splits = [], []
     for layer in range(L):
-        threshold, budget = limits[layer]
         # excess[m, n, k]: node n of node placement m split the k-th way
         members = nodes[:, :, splits]                               # [M, N, K, G, S]
-        excess = _group_excess(members, loads[layer], affinities[layer], threshold, noise).sum(axis=-1)
-        within = excess.min(axis=2).sum(axis=1) <= budget + 1e-9 * max(1.0, float(loads[layer].sum()))
+        excess = _group_excess(members, loads[layer], affinities[layer], limits[layer][0], noise).sum(axis=-1)
+        within = excess.min(axis=2).sum(axis=1) <= budgets[layer]
         feasible.append(np.flatnonzero(within))
         best_splits.append(excess)
         if not len(feasible[-1]):
@@ -134,8 +142,7 @@ def node_split_program(transitions: np.ndarray, loads: List[np.ndarray], affinit
 
     far = float(hops.max())
     node_hot = [np.eye(N)[node_of[f]].reshape(len(f), E * N) for f in feasible]
-    node_kernels = [np.einsum("ij,ab->iajb", flow, far * (1.0 - np.eye(N))).reshape(E * N, E * N)
-                    for flow in transitions]
+    node_kernels = [_pair_kernel(flow, far * (1.0 - np.eye(N))) for flow in transitions]
     forward = [np.zeros(len(feasible[0]))]
     for layer in range(L - 1):
         forward.append(_least_pass(forward[-1], node_hot[layer], node_kernels[layer], node_hot[layer + 1])[0])
@@ -149,15 +156,14 @@ def node_split_program(transitions: np.ndarray, loads: List[np.ndarray], affinit
         total = np.zeros([len(splits)] * N)
         for n in range(N):
             total = total + best_splits[layer][m, n].reshape([-1 if axis == n else 1 for axis in range(N)])
-        budget = limits[layer][1] + 1e-9 * max(1.0, float(loads[layer].sum()))
-        combos = np.argwhere(total <= budget)                       # [C, N]
+        combos = np.argwhere(total <= budgets[layer])               # [C, N]
         ranks = np.empty((len(combos), E), dtype=np.int64)
         for n in range(N):
             items = nodes[m, n][splits[combos[:, n]]].reshape(len(combos), G * per_rank)
             np.put_along_axis(ranks, items, np.repeat(n * G + np.arange(G), per_rank)[None, :], axis=1)
         return ranks
 
-    kernels = [np.einsum("ij,ab->iajb", flow, hops).reshape(E * P, E * P) for flow in transitions]
+    kernels = [_pair_kernel(flow, hops) for flow in transitions]
     rank_states = []
     for layer in range(L):
         kept = feasible[layer][np.argsort(forward[layer] + backward[layer], kind="stable")[:keep]]

@@ -335,6 +335,9 @@ def solve_inference(trace: RoutingTrace, layers: List[LayerItems], rank_nodes: n
         info[name] = cost < best_cost and all(layer_search(items, rank_nodes).within_budget() for items in layers)
         if info[name]:
             best, best_cost = [i.ranks.copy() for i in layers], cost
+        restore_best()
+
+    def restore_best() -> None:
         for items, ranks in zip(layers, best):
             items.ranks = ranks.copy()
 
@@ -348,8 +351,7 @@ def solve_inference(trace: RoutingTrace, layers: List[LayerItems], rank_nodes: n
                                                                            trace.num_experts))
             if not repair.repair():
                 info[name] = False
-                for items, layer_ranks in zip(layers, best):
-                    items.ranks = layer_ranks.copy()
+                restore_best()
                 return
             items.ranks = repair.rank
         search(node_weight, resume=True)
