@@ -5,7 +5,7 @@ Attention layers use TP x CP x DP x PP and MoE layers use ETP x EP x EDP x PP on
 world size) where they are unique, checks the rules Megatron-Core and the model impose, and
 computes every rank group Megatron builds for these degrees, rank for rank and in Megatron's
 order, without torch.distributed. Creating the groups for real lives in
-``folding.parallel_state``.
+``folding.megatron.groups``.
 
 Rank layout, as in Megatron: the order string lists the dimensions from fastest to slowest, so
 with "tp-cp-ep-dp-pp" rank = tp + TP*(cp + CP*(dp + DP*pp)) in the attention mesh and

@@ -19,7 +19,7 @@ import yaml
 from folding.errors import FoldingError
 from folding.mesh import FoldingSpec
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 
 
 @dataclass

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from folding.launch import run_ranks
+from folding.run.launch import run_ranks
 from folding.runtime import cpu
 
 pytestmark = pytest.mark.megatron
@@ -36,7 +36,7 @@ def test_no_op_where_cuda_is_present(monkeypatch):
 def _uneven_gather(rank, world):
     import torch.distributed as dist
 
-    from folding.runtime.cpu import enable
+    from folding.megatron.cpu_runtime import enable
 
     enable()
     mine = torch.arange(rank + 1, dtype=torch.float32) + 10 * rank
@@ -54,11 +54,11 @@ def test_uneven_all_gather_on_gloo():
 
 
 def _model_shapes(rank, world, foldings):
-    from folding.model import build_model_chunks
-    from folding.parallel_state import destroy, initialize
+    from folding.megatron.model import build_model_chunks
+    from folding.megatron.groups import destroy, initialize
     from folding.recipe import load_recipe
-    from folding.runtime.cpu import enable
-    from folding.weights import named_parameters_of_chunks
+    from folding.megatron.cpu_runtime import enable
+    from folding.layout.weights import named_parameters_of_chunks
 
     enable()
     out = []
@@ -73,10 +73,10 @@ def _model_shapes(rank, world, foldings):
 
 @pytest.mark.multiprocess
 def test_megatron_model_matches_the_weight_layout():
-    """Every parameter Megatron builds on every rank is what folding.weights says, by name and
+    """Every parameter Megatron builds on every rank is what folding.layout.weights says, by name and
     shape, and nothing is missing or extra."""
     from folding.recipe import load_recipe
-    from folding.weights import full_param_shapes, shard
+    from folding.layout.weights import full_param_shapes, shard
 
     foldings = [dict(world_size=8, tp=2, ep=4, etp=1), dict(world_size=8, tp=4, ep=2, etp=2),
                 dict(world_size=8, tp=2, pp=2, vpp=2, ep=2, etp=2), dict(world_size=8, tp=1, pp=2, ep=4)]
@@ -97,11 +97,11 @@ def _gloo_threads() -> int:
 
 
 def _trainers_in_turn(rank, world, close):
-    from folding.data import ByteCorpus, micro_batches
-    from folding.parallel_state import destroy
+    from folding.run.corpus import ByteCorpus, micro_batches
+    from folding.megatron.groups import destroy
     from folding.recipe import load_recipe
-    from folding.runtime.cpu import enable
-    from folding.trainer import RankTrainer
+    from folding.megatron.cpu_runtime import enable
+    from folding.run.rank_trainer import RankTrainer
 
     enable()
     recipe = load_recipe("tiny-moe", world_size=4, tp=2, ep=2, etp=1)

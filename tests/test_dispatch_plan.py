@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from folding.dispatcher.plan import (SlotMap, _greedy_least_loaded, choose_replicas,
+from folding.dispatcher.send_plan import (SlotMap, _greedy_least_loaded, choose_replicas,
                                      expand_received, plan_sends)
 
 # Ranks 0,1 on node 0 and ranks 2,3 on node 1; 3 slots per rank.

@@ -20,7 +20,7 @@ import megatron_training_shim  # noqa: F401 - the spawned ranks build through me
 import numpy as np
 import pytest
 
-from folding import megatron_plugin
+from folding.megatron import plugin as megatron_plugin
 from folding.errors import FoldingError, InvalidFolding
 from folding.mesh import FoldingSpec
 from folding.placement.placement import Placement
@@ -121,7 +121,7 @@ def test_a_bad_folding_is_refused_with_the_folding_spec_message(changes, degrees
 
 
 def _parse_with_megatron(arguments, monkeypatch, recipe, extra):
-    from folding.cost.megatron_flags import launch_environment, recipe_flags
+    from folding.megatron.flags import launch_environment, recipe_flags
 
     monkeypatch.setattr(sys, "argv", ["pretrain_gpt.py"] + recipe_flags(recipe) + extra)
     for key, value in launch_environment(recipe.folding).items():
@@ -180,7 +180,7 @@ def _mlp_class_and_params(layer_spec):
 def _block_spec(moe_layer_freq):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
-    from folding.model import transformer_config
+    from folding.megatron.model import transformer_config
     from folding.recipe import load_recipe
 
     recipe = load_recipe("tiny-moe")
@@ -296,7 +296,7 @@ def _megatron_lm_initialize(args) -> None:
 
 
 def _mismatch(spec):
-    from folding.parallel_state import MeshMismatch
+    from folding.megatron.groups import MeshMismatch
 
     try:
         megatron_plugin.check_mesh(spec)
@@ -312,7 +312,7 @@ def _build_stage(args, arch, recipe):
     block spec through folded_decoder_spec, GPTModel)."""
     from megatron.core import parallel_state as ps
 
-    from folding.model import MoERouting, transformer_config
+    from folding.megatron.model import MoERouting, transformer_config
 
     config = transformer_config(arch, recipe.training, recipe.folding, MoERouting(dispatcher="folded"))
     config.transformer_impl = "local"
@@ -345,9 +345,9 @@ def _build_stage(args, arch, recipe):
 def _plugin_on_megatron_groups(rank, world, placement_path):
     from megatron.core import parallel_state as ps
 
-    from folding.parallel_state import destroy
+    from folding.megatron.groups import destroy
     from folding.recipe import load_recipe
-    from folding.runtime.cpu import enable
+    from folding.megatron.cpu_runtime import enable
 
     enable()
     out = {}
@@ -386,7 +386,7 @@ def _plugin_on_megatron_groups(rank, world, placement_path):
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_the_plugin_on_groups_megatron_built(tmp_path):
-    from folding.launch import run_ranks
+    from folding.run.launch import run_ranks
 
     rows = np.array([[3, 2, 1, 0, 7, 6, 5, 4], [0, 4, 1, 5, 2, 6, 3, 7], [7, 0, 6, 1, 5, 2, 4, 3]])
     Placement(8, 3, 2, 4, 4, rows).save(tmp_path / "p.json")

@@ -1,10 +1,10 @@
 """The memory model against real folded Megatron models on the CPU.
 
-Every folding of ``folding.cost.measure.default_cases()`` is built with ``RankTrainer`` on 8 gloo
+Every folding of ``folding.testing.memory_measure.default_cases()`` is built with ``RankTrainer`` on 8 gloo
 ranks (one spawn for all of them: process start-up dominates), stepped once, and measured from
 Megatron's own objects: parameter storages, DDP's gradient buffers, the optimizer's state
 tensors, and the tensors autograd saves during one micro-batch's forward. The predictions come
-from ``folding.cost.memory`` and ``folding.cost.parameters`` alone:
+from ``folding.cost.memory`` and ``folding.layout.parameters`` alone:
 
 - parameters, gradients and optimizer states must equal ``exact_weight_memory`` byte for byte on
   every rank, fp32 and bf16, with the plain and the distributed optimizer, with and without
@@ -21,10 +21,10 @@ import dataclasses
 import pytest
 import torch
 
-from folding.cost.measure import (Case, activation_ratios, default_cases, expert_load,
+from folding.testing.memory_measure import (Case, activation_ratios, default_cases, expert_load,
                                   predicted_activation_bytes, run_cases, saved_activation_bytes)
 from folding.cost.memory import ActivationOptions, exact_weight_memory, stage_memory
-from folding.cost.parameters import rank_parameter_counts
+from folding.layout.parameters import rank_parameter_counts
 
 ACTIVATION_TOLERANCE = 0.15
 

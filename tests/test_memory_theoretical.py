@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from folding.cost.memory import weight_memory
-from folding.cost.parameters import ParameterModel, padded_vocab_size
+from folding.layout.parameters import ParameterModel, padded_vocab_size
 from folding.mesh import FoldingSpec
 from folding.recipe import ModelArch, TrainingSetup
 

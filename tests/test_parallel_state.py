@@ -2,9 +2,9 @@
 
 import pytest
 
-from folding.launch import RankFailed
+from folding.run.launch import RankFailed
 from folding.mesh import FoldingSpec
-from folding.parallel_state import check_on_gloo, compare_with_megatron
+from folding.megatron.groups import check_on_gloo, compare_with_megatron
 
 pytestmark = [pytest.mark.megatron, pytest.mark.multiprocess]
 

@@ -8,10 +8,10 @@ import sys
 import pytest
 
 from folding.mesh import FoldingSpec
-from folding.model import MoERouting
+from folding.megatron.model import MoERouting
 from folding.recipe import load_recipe
-from folding.verify import VerifyCase, verify_many
-from folding.weights import full_param_shapes
+from folding.run.verify import VerifyCase, verify_many
+from folding.layout.weights import full_param_shapes
 
 # One module fixture spawns every case; the limit is for a hang, not for a slow machine.
 pytestmark = [pytest.mark.megatron, pytest.mark.multiprocess, pytest.mark.slow, pytest.mark.timeout(1800)]

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from folding.launch import run_ranks  # noqa: E402
+from folding.run.launch import run_ranks  # noqa: E402
 
 HIDDEN = 256
 EXPERTS = 64
@@ -61,12 +61,12 @@ def _bytes_moved(dispatcher, own_rank: int, rank_node, row_bytes: int):
 def _rank_body(rank, world, cases, options):
     import torch.distributed as dist
 
-    from folding.dispatcher.harness import build_layer, copy_weights, forced_routing, run_layer
+    from folding.testing.dispatcher_harness import build_layer, copy_weights, forced_routing, run_layer
     from folding.mesh import FoldingSpec
-    from folding.model import MoERouting
-    from folding.parallel_state import destroy, initialize
+    from folding.megatron.model import MoERouting
+    from folding.megatron.groups import destroy, initialize
     from folding.recipe import load_recipe
-    from folding.runtime.cpu import enable
+    from folding.megatron.cpu_runtime import enable
 
     enable()
     recipe = load_recipe("tiny-moe")

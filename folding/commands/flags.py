@@ -6,7 +6,7 @@ import argparse
 import shlex
 
 from folding.commands.common import add_json_argument, emit_json
-from folding.cost.megatron_flags import launch_environment, recipe_flags
+from folding.megatron.flags import launch_environment, recipe_flags
 from folding.recipe import load_recipe
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 
 from folding.commands.common import add_json_argument, print_run, require_folded_for_traffic
-from folding.model import DISPATCHERS
-from folding.train import TrainOptions, TrainSummary
+from folding.megatron.model import DISPATCHERS
+from folding.run.train import TrainOptions, TrainSummary
 
 
 def register(sub) -> None:
@@ -57,7 +57,7 @@ def summary_text(s: TrainSummary) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from folding.train import train
+    from folding.run.train import train
 
     options = options_from_args(args)
     require_folded_for_traffic(args, options.routing.get(

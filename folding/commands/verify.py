@@ -6,8 +6,8 @@ import argparse
 
 from folding.commands.common import (add_folding_arguments, add_json_argument, folding_from_args,
                                      format_table, print_run, require_folded_for_traffic)
-from folding.model import DISPATCHERS, MoERouting
-from folding.verify import FAULTS, LOSS_TOLERANCE, TENSOR_TOLERANCE, VerifyCase, VerifyReport
+from folding.megatron.model import DISPATCHERS, MoERouting
+from folding.run.verify import FAULTS, LOSS_TOLERANCE, TENSOR_TOLERANCE, VerifyCase, VerifyReport
 
 
 def register(sub) -> None:
@@ -79,7 +79,7 @@ def report_text(report: VerifyReport) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from folding.verify import verify
+    from folding.run.verify import verify
 
     case = case_from_args(args)
     require_folded_for_traffic(args, case.routing.dispatcher)

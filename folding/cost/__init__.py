@@ -2,8 +2,6 @@
 
 One module per concern, all pure computation:
 
-- ``parameters``: which parameter tensors each rank holds (names and shapes as Megatron builds
-  them), split into dense, expert and embedding kinds.
 - ``flops``: FLOPs per iteration, Megatron's convention and other labelled conventions.
 - ``memory``: bytes per rank: parameters, gradients, optimizer states, activations, dispatcher
   buffers.
@@ -12,5 +10,7 @@ One module per concern, all pure computation:
 - ``step_time``: predicted iteration time (roofline compute, communication, pipeline schedule).
 - ``planner``: enumerate legal foldings, drop those that do not fit, rank by predicted step time.
 - ``mfu_log``: read Megatron training logs and recompute throughput and MFU.
-- ``megatron_flags``: a recipe as pretrain_gpt.py flags.
+
+The parameter tensors each rank holds come from ``folding.layout.parameters``; the recipe as
+pretrain_gpt.py flags from ``folding.megatron.flags``.
 """

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Dict
 
-from folding.cost.parameters import ParameterModel, padded_vocab_size
+from folding.layout.parameters import ParameterModel, padded_vocab_size
 from folding.errors import FoldingError
 from folding.recipe import ModelArch
 

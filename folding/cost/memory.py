@@ -23,7 +23,7 @@ norms, residuals and dropout masks. The accounting is per saved tensor (see
 ``layer_activation_bytes``); it is an estimate of the steady-state peak, not a trace.
 ``ActivationOptions`` names the kernels: flash or unfused attention, and Megatron's fused
 element-wise kernels (GPU training) or the local spec's unfused ones (the CPU runtime). The CPU
-accounting is checked against the tensors real folded models save (``folding.cost.measure``).
+accounting is checked against the tensors real folded models save (``folding.testing.memory_measure``).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from folding.cost.parameters import (ParamCounts, ParameterModel, ParamTensor,
+from folding.layout.parameters import (ParamCounts, ParameterModel, ParamTensor,
                                      expert_gradients_over_edp, padded_vocab_size,
                                      rank_parameters)
 from folding.errors import FoldingError

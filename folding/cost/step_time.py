@@ -37,7 +37,7 @@ from folding.cost.flops import layer_flops, training_flops
 from folding.cost.hardware import HardwareProfile
 from folding.cost.memory import (DTYPE_BYTES, ActivationModel, num_microbatches,
                                  sharding_degrees, state_bytes)
-from folding.cost.parameters import ParameterModel, padded_vocab_size
+from folding.layout.parameters import ParameterModel, padded_vocab_size
 from folding.mesh import FoldingSpec
 from folding.recipe import ModelArch, TrainingSetup
 

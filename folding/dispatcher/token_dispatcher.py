@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from folding.dispatcher.counters import TrafficCounters
-from folding.dispatcher.plan import SlotMap, choose_replicas, expand_received, plan_sends
+from folding.dispatcher.send_plan import SlotMap, choose_replicas, expand_received, plan_sends
 
 try:
     from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher

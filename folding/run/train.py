@@ -2,7 +2,7 @@
 
 Every rank runs Megatron-Core's GPT + MoE model under the CPU runtime; rank 0 shows a progress
 bar and the loss at each logging interval; the parent collects a summary. Checkpoints use the
-full layout (``folding.checkpoint``), so ``--load`` works under any folding of the same model.
+full layout (``folding.layout.checkpoint``), so ``--load`` works under any folding of the same model.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 
 from folding.errors import FoldingError
 from folding.mesh import FoldingSpec
-from folding.model import MoERouting
+from folding.megatron.model import MoERouting
 from folding.recipe import Recipe, load_recipe
 
 
@@ -47,7 +47,7 @@ class TrainOptions:
         """The placement, checked against the model and folding (None without one)."""
         if self.placement is None:
             return None
-        from folding.model import check_placement
+        from folding.megatron.model import check_placement
         from folding.placement.placement import Placement
 
         routing = dataclasses.replace(MoERouting.from_training(recipe.training), **self.routing)
@@ -122,10 +122,10 @@ class TrainSummary:
 def _train_rank(rank: int, world: int, options: TrainOptions, recipe: Recipe) -> Optional[dict]:
     from tqdm import tqdm
 
-    from folding import checkpoint
-    from folding.data import ByteCorpus, micro_batches
-    from folding.runtime.cpu import enable
-    from folding.trainer import RankTrainer
+    from folding.layout import checkpoint
+    from folding.run.corpus import ByteCorpus, micro_batches
+    from folding.megatron.cpu_runtime import enable
+    from folding.run.rank_trainer import RankTrainer
 
     enable()
     spec, training = recipe.folding, recipe.training
@@ -138,7 +138,7 @@ def _train_rank(rank: int, world: int, options: TrainOptions, recipe: Recipe) ->
         checkpoint.restore(trainer, loaded)
     tracer = None
     if options.trace_out:
-        from folding.router_trace import RouterTraceHook
+        from folding.megatron.router_trace import RouterTraceHook
 
         tracer = RouterTraceHook(trainer, options.trace_tokens)
     corpus = ByteCorpus(training.data or "folding/data/corpus.txt")
@@ -184,14 +184,14 @@ def _train_rank(rank: int, world: int, options: TrainOptions, recipe: Recipe) ->
 
 
 def train(options: TrainOptions, timeout_s: Optional[float] = None) -> TrainSummary:
-    from folding.launch import run_ranks
+    from folding.run.launch import run_ranks
 
     recipe = options.resolve()
     options.load_placement(recipe)  # a bad placement is refused before any rank starts
     if options.trace_out is not None and options.trace_tokens < 1:
         raise FoldingError(f"--trace-tokens must be positive, not {options.trace_tokens}")
     if options.load:
-        from folding.checkpoint import saved_step
+        from folding.layout.checkpoint import saved_step
 
         if saved_step(options.load) is None:
             raise FoldingError(f"{options.load} is not a checkpoint: meta.json is missing")

@@ -4,7 +4,7 @@ Everything here is Megatron's own code: ``TransformerConfig``, the GPT layer spe
 on CPU, the Transformer Engine spec when TE is installed), ``GPTModel`` chunks (one per virtual
 pipeline stage), Megatron's ``DistributedDataParallel`` and ``get_megatron_optimizer``. This
 module only translates a recipe and a folding into their arguments. Process groups must already
-exist (``folding.parallel_state.initialize``).
+exist (``folding.megatron.groups.initialize``).
 """
 
 from __future__ import annotations

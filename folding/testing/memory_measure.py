@@ -19,7 +19,7 @@ models imports it. Its functions run inside a rank and return plain numbers:
   forward until the backward, not short-lived buffers or the allocator's peak.
 - ``measure_cases``: the rank body that builds each ``Case`` in turn, steps it once and measures.
 
-``python -m folding.cost.measure`` runs ``default_cases()`` on 8 gloo ranks and prints each
+``python -m folding.testing.memory_measure`` runs ``default_cases()`` on 8 gloo ranks and prints each
 measurement next to the memory model's prediction.
 """
 
@@ -211,7 +211,7 @@ def forward_activation_bytes(trainer, micro_batch: Dict[str, torch.Tensor]) -> T
 # ----------------------------------------------------------------------------- rank body
 def _micro_batches(spec, rank: int, seq_length: int, micro_batch_size: int, count: int, corpus,
                    step: int = 0):
-    from folding.data import micro_batches
+    from folding.run.corpus import micro_batches
 
     batch = corpus.global_batch(1234 + step, 0, spec.dp * count * micro_batch_size, seq_length)
     dp_rank = spec.coordinates(rank)["attention"]["dp"]
@@ -222,8 +222,8 @@ def _micro_batches(spec, rank: int, seq_length: int, micro_batch_size: int, coun
 
 def measure_case(rank: int, case: Case) -> Dict[str, Any]:
     """Build ``case`` on this rank, take one training step, and measure weights and forwards."""
-    from folding.data import ByteCorpus
-    from folding.trainer import RankTrainer
+    from folding.run.corpus import ByteCorpus
+    from folding.run.rank_trainer import RankTrainer
 
     recipe = case.load()
     spec = recipe.folding
@@ -248,10 +248,10 @@ def measure_case(rank: int, case: Case) -> Dict[str, Any]:
 
 
 def measure_cases(rank: int, world_size: int, cases: List[Case]) -> List[Dict[str, Any]]:
-    """Rank body for ``folding.launch.run_ranks``: every case in turn, process groups destroyed
+    """Rank body for ``folding.run.launch.run_ranks``: every case in turn, process groups destroyed
     between them."""
-    from folding.parallel_state import destroy
-    from folding.runtime.cpu import enable
+    from folding.megatron.groups import destroy
+    from folding.megatron.cpu_runtime import enable
 
     enable()
     out = []
@@ -263,7 +263,7 @@ def measure_cases(rank: int, world_size: int, cases: List[Case]) -> List[Dict[st
 
 def run_cases(cases: List[Case], world_size: int = 8, timeout_s: float = 900) -> List[List[Dict]]:
     """Measure every case on ``world_size`` local gloo ranks (one spawn): result[case][rank]."""
-    from folding.launch import run_ranks
+    from folding.run.launch import run_ranks
 
     per_rank = run_ranks(measure_cases, world_size, cases, timeout_s=timeout_s)
     return [[per_rank[r][i] for r in range(world_size)] for i in range(len(cases))]

@@ -138,7 +138,7 @@ def _cuda_shims(p: _Patcher) -> None:
 
 def _megatron_patches(p: _Patcher) -> None:
     """CPU-correct replacements for the Megatron functions that cannot run as they are."""
-    from folding.runtime import megatron_cpu_patches as mp
+    from folding.megatron import cpu_patches as mp
 
     mp.apply(p)
 

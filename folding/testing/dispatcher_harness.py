@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from folding.mesh import FoldingSpec
-from folding.model import MoERouting, gpt_layer_spec, identity_placement, transformer_config
+from folding.megatron.model import MoERouting, gpt_layer_spec, identity_placement, transformer_config
 from folding.recipe import ModelArch, TrainingSetup
 
 

@@ -76,7 +76,7 @@ class DropDecisions:
         self._calls.clear()
 
     def install(self) -> None:
-        from folding.router_hooks import RouterPatch
+        from folding.megatron.router_hooks import RouterPatch
 
         def make_drop(original, current_layer):
             def drop(probs, routing_map, router_topk, capacity_factor, drop_policy="probs",

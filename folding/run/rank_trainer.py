@@ -1,7 +1,7 @@
 """One rank of a Megatron training run: model, DDP, optimizer, schedule, and the weight layout.
 
 ``RankTrainer`` builds Megatron's GPTModel chunks for this rank of a folding, loads their weights
-from a full state dict through ``folding.weights``, wraps them in Megatron's DDP, builds
+from a full state dict through ``folding.layout.weights``, wraps them in Megatron's DDP, builds
 Megatron's optimizer and learning-rate scheduler, and runs steps with Megatron's pipeline
 schedules (``get_forward_backward_func``: no pipelining, 1F1B, or interleaved).
 It can hand back this rank's parameters, reduced gradients and Adam state as shards, so a driver
@@ -18,10 +18,10 @@ import torch
 
 from folding.errors import FoldingError
 from folding.mesh import FoldingSpec
-from folding.model import (MoERouting, build_model_chunks, build_optimizer, identity_placement,
+from folding.megatron.model import (MoERouting, build_model_chunks, build_optimizer, identity_placement,
                            transformer_config, wrap_ddp)
 from folding.recipe import ModelArch, TrainingSetup
-from folding.weights import (ShardKey, full_param_shapes, named_parameters_of_chunks, shard,
+from folding.layout.weights import (ShardKey, full_param_shapes, named_parameters_of_chunks, shard,
                              unshard)
 
 
@@ -80,7 +80,7 @@ class RankTrainer:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-        from folding.parallel_state import initialize
+        from folding.megatron.groups import initialize
 
         if spec.cp > 1 and not torch.cuda.is_available():
             raise FoldingError("CP>1 needs Transformer Engine's attention, which needs a GPU; "

@@ -3,7 +3,7 @@
 A checkpoint directory holds ``model.pt`` (every parameter of the full model), ``optimizer.pt``
 (Adam's first and second moments of every full parameter, and its step count) and
 ``meta.json`` (recipe, folding, step, learning-rate scheduler, losses so far). Saving gathers
-every rank's shards and rebuilds full tensors through ``folding.weights``; loading slices them
+every rank's shards and rebuilds full tensors through ``folding.layout.weights``; loading slices them
 again for the new folding. Files are written to a temporary name and renamed, so an interrupted
 save never leaves a half-written checkpoint behind.
 """
@@ -19,7 +19,7 @@ import torch
 
 from folding.errors import FoldingError
 from folding.recipe import ModelArch
-from folding.weights import full_param_shapes
+from folding.layout.weights import full_param_shapes
 
 FILES = ("model.pt", "optimizer.pt", "meta.json")
 

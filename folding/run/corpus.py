@@ -14,7 +14,7 @@ import torch
 
 from folding.errors import FoldingError
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
 REPO_DIR = PACKAGE_DIR.parent
 VOCAB_SIZE = 256
 

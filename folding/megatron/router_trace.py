@@ -34,7 +34,7 @@ class RouterTraceHook:
         self._install()
 
     def _install(self) -> None:
-        from folding.router_hooks import RouterPatch
+        from folding.megatron.router_hooks import RouterPatch
 
         def make_topk(original, current_layer):
             def topk(*args, **kwargs):

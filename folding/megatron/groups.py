@@ -6,7 +6,7 @@ gloo). It calls megatron-core's ``parallel_state.initialize_model_parallel`` and
 the group ``FoldingSpec`` computed in pure Python. All ranks agree on the verdict before anyone
 raises, so a mismatch stops every rank instead of leaving some waiting in a collective.
 ``verify_megatron_groups`` alone checks groups someone else built (Megatron-LM's
-``initialize_megatron``; see ``folding.megatron_plugin``).
+``initialize_megatron``; see ``folding.megatron.plugin``).
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ def check_on_gloo(specs: List[FoldingSpec], timeout_s: float = 600) -> int:
     Returns the number of (rank, group) pairs checked; raises RankFailed naming the first rank
     whose Megatron groups differ from the folded mesh.
     """
-    from folding.launch import run_ranks
+    from folding.run.launch import run_ranks
 
     worlds = {s.world_size for s in specs}
     if len(worlds) != 1:

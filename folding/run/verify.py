@@ -9,7 +9,7 @@ gradient and every updated parameter. Each rank compares its own shards with the
 
 Token dropping in Megatron is decided per rank, over the tokens that rank routes (a TP x CP
 shard of each micro-batch's sequence). The reference therefore applies the same capacity rule
-over the same groups of tokens; ``folding.drop_decisions`` compares every decision and keeps
+over the same groups of tokens; ``folding.run.drop_decisions`` compares every decision and keeps
 rounding-level near ties from swamping the comparison.
 """
 
@@ -24,11 +24,11 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from folding.drop_decisions import DropCheck, DropDecisions
+from folding.run.drop_decisions import DropCheck, DropDecisions
 from folding.errors import FoldingError
 from folding.mesh import FoldingSpec
-from folding.model import MoERouting
-from folding.parallel_state import destroy
+from folding.megatron.model import MoERouting
+from folding.megatron.groups import destroy
 from folding.recipe import Recipe, load_recipe
 
 LOSS_TOLERANCE = 1e-5
@@ -84,7 +84,7 @@ class VerifyCase:
         """The placement, checked against the model and folding before anything runs."""
         if self.placement is None:
             return None
-        from folding.model import check_placement
+        from folding.megatron.model import check_placement
         from folding.placement.placement import Placement
 
         placement = Placement.load(self.placement)
@@ -159,7 +159,7 @@ class VerifyReport:
 
 # ------------------------------------------------------------------------------ rank bodies
 def _micro_batches_for(case: VerifyCase, spec: FoldingSpec, rank: int, step: int, corpus):
-    from folding.data import micro_batches
+    from folding.run.corpus import micro_batches
 
     batch = corpus.global_batch(case.seed, step, case.global_sequences, case.seq_len)
     dp_rank = spec.coordinates(rank)["attention"]["dp"]
@@ -169,10 +169,10 @@ def _micro_batches_for(case: VerifyCase, spec: FoldingSpec, rank: int, step: int
 
 def _reference_rank(rank: int, world: int, cases: List[VerifyCase], paths: List[str]) -> int:
     """Single-process runs; each writes per-step loss, full grads and params to its path."""
-    from folding.data import ByteCorpus
-    from folding.runtime.cpu import enable
-    from folding.trainer import RankTrainer
-    from folding.weights import unshard
+    from folding.run.corpus import ByteCorpus
+    from folding.megatron.cpu_runtime import enable
+    from folding.run.rank_trainer import RankTrainer
+    from folding.layout.weights import unshard
 
     enable()
     for case, out_path in zip(cases, paths):
@@ -206,7 +206,7 @@ def _error_sums(local: Dict, reference_full: Dict, arch, spec: FoldingSpec, rank
                 placement=None):
     """{(full name, slice index): (||a-b||^2, ||b||^2)} for this rank's shard; of several copies
     of a slice on the rank (replica slots), the worst."""
-    from folding.weights import _split_index, local_to_full_name, param_rule, slice_for
+    from folding.layout.weights import _split_index, local_to_full_name, param_rule, slice_for
 
     out = {}
     for (vp_stage, name), tensor in local.items():
@@ -233,7 +233,7 @@ def _break(trainer, fault: Optional[str]) -> None:
 
 
 def _folded_rank(rank: int, world: int, cases: List[VerifyCase], paths: List[str]):
-    from folding.runtime.cpu import enable
+    from folding.megatron.cpu_runtime import enable
 
     enable()
     out = []
@@ -244,8 +244,8 @@ def _folded_rank(rank: int, world: int, cases: List[VerifyCase], paths: List[str
 
 
 def _folded_case(rank: int, case: VerifyCase, reference_path: str):
-    from folding.data import ByteCorpus
-    from folding.trainer import RankTrainer
+    from folding.run.corpus import ByteCorpus
+    from folding.run.rank_trainer import RankTrainer
 
     recipe = case.load_recipe()
     reference = torch.load(reference_path, weights_only=False)
@@ -304,7 +304,7 @@ def verify_many(cases: List[VerifyCase], timeout_s: float = 3600,
     all of them, then one spawn of ranks per world size that runs its cases in turn."""
     from tqdm import tqdm
 
-    from folding.launch import run_ranks
+    from folding.run.launch import run_ranks
 
     for case in cases:
         case.load_placement()  # a bad placement file is refused before anything is spawned

@@ -1,0 +1,207 @@
+"""The plugin side of the Megatron-LM patches in ``patches/``: what pretrain_gpt.py calls.
+
+This module owns four things and no rule of its own:
+
+- ``add_arguments(parser)``: the ``--folding-*`` flags on Megatron's argument parser (Megatron's
+  ``extra_args_provider`` convention: it takes the parser and returns it).
+- ``spec_from_args(args)``: the ``FoldingSpec`` of a parsed and validated Megatron argument
+  namespace. Every folding rule is FoldingSpec's; this only translates names.
+- ``check_mesh(spec)``: once Megatron-LM's ``initialize_megatron`` has built its process
+  groups, compare each of them with the pure-Python mesh on every rank
+  (``folding.megatron.groups.verify_megatron_groups``, the check ``initialize`` runs too).
+- ``folded_decoder_spec(spec, args)``: Megatron's GPT layer or decoder-block spec with every MoE
+  layer swapped for ``FoldedMoELayer`` (``folding.dispatcher.moe_layer.folded_layer_spec``),
+  experts placed as ``--folding-placement`` says. What the folded dispatcher cannot do under
+  Megatron-LM's training loop is refused with one line naming the flag.
+
+``layer_spec_provider`` and ``check_mesh_hook`` package the last two for megatron-core 0.19's
+``GPTModelConfig`` (its ``transformer_layer_spec`` callable and ``pre_wrap_hooks``), which is how
+pretrain_gpt.py builds models from that release on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Callable, Optional
+
+from folding.megatron.flags import TP_PP_DP_ORDER
+from folding.errors import FoldingError
+from folding.mesh import DEFAULT_ORDER, FoldingSpec
+
+# Megatron arguments that split layers unevenly over pipeline stages: with any of them set,
+# FoldingSpec's "layers divisible by PP x VPP" rule does not describe the model.
+_UNEVEN_PIPELINE = ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage",
+                    "decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers",
+                    "pipeline_model_parallel_layout", "account_for_embedding_in_pipeline_split",
+                    "account_for_loss_in_pipeline_split")
+
+# Megatron flags the folded dispatcher cannot train with, and why.
+_REFUSED_FLAGS = (
+    ("moe_grouped_gemm", "--moe-grouped-gemm",
+     "the folded MoE layer needs SequentialMLP experts (one module per expert slot)"),
+    ("moe_shared_expert_overlap", "--moe-shared-expert-overlap",
+     "Megatron would run the shared experts inside its own dispatcher, which the folded one "
+     "replaces, so they would never run"),
+    ("overlap_moe_expert_parallel_comm", "--overlap-moe-expert-parallel-comm",
+     "the folded dispatcher is not checked under Megatron's overlapped expert-parallel schedule"),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser,
+                  then: Optional[Callable] = None) -> argparse.ArgumentParser:
+    """Add the ``--folding-*`` group to Megatron's parser and return the parser.
+
+    ``then`` is another extra-args provider (ModelOpt's, in pretrain_gpt.py) run afterwards.
+    """
+    group = parser.add_argument_group(title="folding", description="MoE Parallel Folding")
+    group.add_argument("--folding-check-mesh", action="store_true",
+                       help="after Megatron's initialisation, compare every process group with "
+                            "the folded mesh on every rank and stop all ranks on a difference")
+    group.add_argument("--folding-dispatcher", action="store_true",
+                       help="MoE layers dispatch with folding's FoldedMoELayer (deduplicated, "
+                            "placement-aware all-to-all; SequentialMLP experts only)")
+    group.add_argument("--folding-placement", metavar="FILE", default=None,
+                       help="expert placement JSON (as written by `folding place`) for "
+                            "--folding-dispatcher; default: Megatron's contiguous layout")
+    group.add_argument("--folding-gpus-per-node", metavar="N", type=int, default=8,
+                       help="ranks per node, for the layout report and the dispatcher's "
+                            "same-node replica choice (default 8)")
+    return then(parser) if then is not None else parser
+
+
+def spec_from_args(args) -> FoldingSpec:
+    """The folding of a parsed, validated Megatron argument namespace (raises InvalidFolding)."""
+    if getattr(args, "use_tp_pp_dp_mapping", False):
+        order = TP_PP_DP_ORDER
+    else:
+        order = DEFAULT_ORDER
+    uneven = any(getattr(args, name, None) for name in _UNEVEN_PIPELINE)
+    query_groups = args.num_query_groups if getattr(args, "group_query_attention", False) else None
+    return FoldingSpec(
+        world_size=args.world_size,
+        tp=args.tensor_model_parallel_size,
+        pp=args.pipeline_model_parallel_size,
+        cp=args.context_parallel_size,
+        vpp=args.virtual_pipeline_model_parallel_size,
+        ep=args.expert_model_parallel_size,
+        etp=args.expert_tensor_parallel_size,
+        order=order,
+        gpus_per_node=getattr(args, "folding_gpus_per_node", 8),
+        num_experts=args.num_experts,
+        num_layers=None if uneven else args.num_layers,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=query_groups,
+        sequence_parallel=bool(args.sequence_parallel),
+    )
+
+
+def check_mesh(spec: FoldingSpec) -> int:
+    """Verify Megatron's already built groups against ``spec`` on every rank (a collective).
+
+    Raises ``folding.megatron.groups.MeshMismatch`` on every rank together when any group of
+    any rank differs; returns the number of groups checked on this rank.
+    """
+    from folding.megatron.groups import verify_megatron_groups
+
+    return verify_megatron_groups(spec)
+
+
+def check_mesh_hook(args) -> Callable:
+    """``check_mesh`` as a megatron-core 0.19 pre-wrap hook (runs once the model chunks exist).
+
+    The folding is read from ``args`` at once, so a bad one is refused before any rank starts.
+    """
+    spec = spec_from_args(args)
+
+    def hook(model):
+        check_mesh(spec)
+        return model
+
+    return hook
+
+
+# --------------------------------------------------------------------------- folded dispatcher
+def _model_of(args):
+    """The model facts of Megatron's arguments that a placement is checked against."""
+    from folding.recipe import ModelArch
+
+    vocab = getattr(args, "padded_vocab_size", None) or getattr(args, "vocab_size", None)
+    return ModelArch(num_layers=args.num_layers, hidden_size=args.hidden_size,
+                     num_attention_heads=args.num_attention_heads, vocab_size=vocab,
+                     ffn_hidden_size=args.ffn_hidden_size, num_experts=args.num_experts,
+                     moe_layer_freq=args.moe_layer_freq)
+
+
+def _folded_layer_arguments(args):
+    """Refuse what the folded dispatcher cannot do; return what ``_fold`` needs."""
+    from folding.megatron.model import check_placement, identity_placement
+    from folding.placement.placement import Placement
+
+    if not args.num_experts:
+        raise FoldingError("--folding-dispatcher needs a MoE model (--num-experts)")
+    for name, flag, why in _REFUSED_FLAGS:
+        if getattr(args, name, False):
+            raise FoldingError(f"--folding-dispatcher does not work with {flag}: {why}")
+    if getattr(args, "moe_token_dispatcher_type", "alltoall") == "flex":
+        raise FoldingError("--folding-dispatcher does not work with --moe-token-dispatcher-type "
+                           "flex: Megatron would first build its DeepEP/HybridEP dispatcher; "
+                           "use alltoall")
+    spec, arch = spec_from_args(args), _model_of(args)
+    if args.folding_placement:
+        placement = Placement.load(args.folding_placement)
+        check_placement(placement, arch, spec)
+        if placement.redundant_slots:
+            raise FoldingError(f"{args.folding_placement} has {placement.redundant_slots} spare "
+                               f"slot(s) per rank for replicas: Megatron-LM's training loop does "
+                               f"not sum replica gradients (folding train does); use a placement "
+                               f"without --redundant")
+    else:
+        placement = identity_placement(arch, spec)
+    return placement, arch.moe_ordinals(), spec.gpus_per_node, arch.num_layers
+
+
+def _fold(layer_or_block_spec, placement, ordinals, gpus_per_node, num_layers):
+    from folding.dispatcher.moe_layer import folded_layer_spec, is_moe_layer_spec
+
+    if hasattr(layer_or_block_spec, "layer_specs"):  # TransformerBlockSubmodules: this stage
+        layers = [folded_layer_spec(s, placement, ordinals, gpus_per_node) if is_moe_layer_spec(s)
+                  else s for s in layer_or_block_spec.layer_specs]
+        return dataclasses.replace(layer_or_block_spec, layer_specs=layers)
+    if not is_moe_layer_spec(layer_or_block_spec):
+        raise FoldingError(f"--folding-dispatcher: the decoder spec has no MoE layer to fold "
+                           f"({type(layer_or_block_spec).__name__})")
+    if len(ordinals) != num_layers:
+        raise FoldingError("--folding-dispatcher: a single layer spec makes every layer a MoE "
+                           "layer, but --moe-layer-freq makes some dense; use the decoder block "
+                           "spec")
+    return folded_layer_spec(layer_or_block_spec, placement, ordinals, gpus_per_node)
+
+
+def folded_decoder_spec(layer_or_block_spec, args):
+    """Megatron's GPT layer spec, or decoder block spec (``.layer_specs``), with every MoE layer
+    dispatching through ``FoldedMoELayer``; dense layers are left as they are.
+
+    Experts follow ``--folding-placement`` (Megatron's contiguous layout without it). Raises
+    FoldingError, one line naming the problem, for what the folded dispatcher cannot do.
+    """
+    return _fold(layer_or_block_spec, *_folded_layer_arguments(args))
+
+
+def layer_spec_provider(args, base=None) -> Callable:
+    """A megatron-core 0.19 ``GPTModelConfig.transformer_layer_spec``: Megatron's default spec
+    for the model (or ``base``, a spec given with ``--spec``), folded.
+
+    ``args`` is checked at once, so refusals come before any rank starts.
+    """
+    folding_arguments = _folded_layer_arguments(args)
+
+    def provide(model_config, vp_stage=None):
+        spec = base
+        if spec is None:
+            from megatron.training.models.gpt import default_layer_spec
+
+            spec = default_layer_spec(model_config, vp_stage)
+        return _fold(spec, *folding_arguments)
+
+    return provide

@@ -1,1 +1,0 @@
-"""Running Megatron-Core where it was not written to run: the CPU runtime."""
