@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from folding.run.launch import run_ranks
-from folding.runtime import cpu
+from folding.megatron import cpu_runtime as cpu
 
 pytestmark = pytest.mark.megatron
 
@@ -76,14 +76,15 @@ def test_megatron_model_matches_the_weight_layout():
     """Every parameter Megatron builds on every rank is what folding.layout.weights says, by name and
     shape, and nothing is missing or extra."""
     from folding.recipe import load_recipe
-    from folding.layout.weights import full_param_shapes, shard
+    from folding.layout.parameters import full_parameters
+    from folding.layout.weights import shard
 
     foldings = [dict(world_size=8, tp=2, ep=4, etp=1), dict(world_size=8, tp=4, ep=2, etp=2),
                 dict(world_size=8, tp=2, pp=2, vpp=2, ep=2, etp=2), dict(world_size=8, tp=1, pp=2, ep=4)]
     per_rank = run_ranks(_model_shapes, 8, foldings)
     for i, degrees in enumerate(foldings):
         recipe = load_recipe("tiny-moe", **degrees)
-        full = {n: torch.empty(s) for n, s in full_param_shapes(recipe.model).items()}
+        full = {n: torch.empty(s) for n, s in full_parameters(recipe.model).items()}
         for rank in range(8):
             expected = {k: tuple(v.shape) for k, v in shard(full, recipe.model, recipe.folding, rank).items()}
             assert per_rank[rank][i] == expected, (degrees, rank)

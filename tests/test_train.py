@@ -13,7 +13,7 @@ import torch
 from folding.layout import checkpoint
 from folding.errors import FoldingError
 from folding.recipe import load_recipe
-from folding.layout.weights import full_param_shapes
+from folding.layout.parameters import full_parameters
 
 # One module fixture spawns every case; the limit is for a hang, not for a slow machine.
 pytestmark = [pytest.mark.megatron, pytest.mark.multiprocess, pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -74,7 +74,7 @@ def test_resume_under_another_folding(runs, second):
 def test_checkpoint_holds_the_full_model(runs):
     arch = load_recipe("tiny-moe").model
     saved = checkpoint.read(runs["ckpt"], arch)
-    assert set(saved["model"]) == set(full_param_shapes(arch))
+    assert set(saved["model"]) == set(full_parameters(arch))
     assert saved["meta"]["step"] == 20 and saved["optimizer"]["step"] == 20
     assert len(saved["meta"]["losses"]) == 20
 
@@ -83,7 +83,7 @@ def test_bad_checkpoints_are_refused(tmp_path):
     arch = load_recipe("tiny-moe").model
     with pytest.raises(FoldingError, match="is not a checkpoint: model.pt is missing"):
         checkpoint.read(str(tmp_path), arch)
-    shapes = full_param_shapes(arch)
+    shapes = full_parameters(arch)
     model = {n: torch.zeros(s) for n, s in shapes.items()}
     model["output_layer.weight"] = torch.zeros(3, 3)
     torch.save(model, tmp_path / "model.pt")

@@ -11,7 +11,7 @@ from folding.mesh import FoldingSpec
 from folding.megatron.model import MoERouting
 from folding.recipe import load_recipe
 from folding.run.verify import VerifyCase, verify_many
-from folding.layout.weights import full_param_shapes
+from folding.layout.parameters import full_parameters
 
 # One module fixture spawns every case; the limit is for a hang, not for a slow machine.
 pytestmark = [pytest.mark.megatron, pytest.mark.multiprocess, pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -65,7 +65,7 @@ def test_dropless_folding_equals_single_process(reports, folding, dispatcher):
     assert report.max_loss_rel_diff <= 1e-5
     assert report.max_grad_rel_diff <= 1e-4 and report.max_param_rel_diff <= 1e-4
     # Every parameter of the model was compared at every step.
-    every = set(full_param_shapes(load_recipe("tiny-moe").model))
+    every = set(full_parameters(load_recipe("tiny-moe").model))
     assert len(report.steps) == 3
     assert all(set(s.grad_rel_diff) == every == set(s.param_rel_diff) for s in report.steps)
 

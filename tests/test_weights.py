@@ -8,8 +8,9 @@ import torch
 from folding.errors import FoldingError
 from folding.mesh import FoldingSpec
 from folding.recipe import load_recipe
-from folding.layout.weights import (full_param_shapes, full_to_local_names, join_slices, local_to_full_name,
-                             param_rule, shard, slice_for, unshard)
+from folding.layout.parameters import full_parameters
+from folding.layout.weights import (full_to_local_names, join_slices, local_to_full_name, param_rule,
+                                    shard, slice_for, unshard)
 
 ARCH = load_recipe("tiny-moe").model  # 4 layers, 8 experts, 8 heads, 4 query groups, SwiGLU
 
@@ -29,7 +30,7 @@ FOLDINGS = [
 
 def random_full(arch, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {n: torch.randn(s, generator=g) for n, s in full_param_shapes(arch).items()}
+    return {n: torch.randn(s, generator=g) for n, s in full_parameters(arch).items()}
 
 
 @pytest.mark.parametrize("degrees", FOLDINGS, ids=lambda d: "-".join(f"{k}{v}" for k, v in d.items()))

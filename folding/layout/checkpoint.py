@@ -19,7 +19,7 @@ import torch
 
 from folding.errors import FoldingError
 from folding.recipe import ModelArch
-from folding.layout.weights import full_param_shapes
+from folding.layout.parameters import full_parameters
 
 FILES = ("model.pt", "optimizer.pt", "meta.json")
 
@@ -57,7 +57,7 @@ def read(directory: str, arch: ModelArch) -> Dict:
         raise FoldingError(f"{path / 'meta.json'} is not valid JSON ({e.msg})") from None
     model = torch.load(path / "model.pt", weights_only=True)
     optimizer = torch.load(path / "optimizer.pt", weights_only=True)
-    expected = full_param_shapes(arch)
+    expected = full_parameters(arch)
     for name, shape in expected.items():
         if name not in model:
             raise FoldingError(f"checkpoint {directory} lacks {name}: saved for another model?")

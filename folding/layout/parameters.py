@@ -17,6 +17,7 @@ down-projections whole on each TP rank (modelled here) and the local spec splits
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -94,6 +95,14 @@ def count_by_kind(params: List[ParamTensor]) -> ParamCounts:
 
 
 # ----------------------------------------------------------------------------- pipeline split
+def layers_per_chunk(arch: ModelArch, pp: int, vpp: Optional[int]) -> int:
+    """Decoder layers in each model chunk (Megatron's even split over PP x VPP chunks)."""
+    chunks = pp * (vpp or 1)
+    if arch.num_layers % chunks:
+        raise FoldingError(f"num_layers={arch.num_layers} is not divisible by PP x VPP = {chunks}")
+    return arch.num_layers // chunks
+
+
 def stage_layer_indices(arch: ModelArch, pp: int, vpp: Optional[int], pp_rank: int,
                         vp_stage: Optional[int] = None) -> List[int]:
     """Global indices of the decoder layers in one model chunk (Megatron's even split).
@@ -101,13 +110,17 @@ def stage_layer_indices(arch: ModelArch, pp: int, vpp: Optional[int], pp_rank: i
     With interleaving, chunk ``vp_stage`` of rank ``pp_rank`` holds layers starting at
     vp_stage * L / VPP + pp_rank * L / (PP * VPP).
     """
-    chunks = vpp or 1
-    if arch.num_layers % (pp * chunks):
-        raise FoldingError(f"num_layers={arch.num_layers} is not divisible by PP x VPP = "
-                           f"{pp * chunks}")
-    per_chunk = arch.num_layers // (pp * chunks)
-    offset = (vp_stage or 0) * (arch.num_layers // chunks) + pp_rank * per_chunk
+    per_chunk = layers_per_chunk(arch, pp, vpp)
+    offset = ((vp_stage or 0) * pp + pp_rank) * per_chunk
     return list(range(offset, offset + per_chunk))
+
+
+def layer_chunk(arch: ModelArch, pp: int, vpp: Optional[int], layer: int) -> Tuple[int, int, int]:
+    """(pipeline rank, virtual stage, index inside the chunk) of global decoder layer ``layer``:
+    the inverse of ``stage_layer_indices``."""
+    chunk, local = divmod(layer, layers_per_chunk(arch, pp, vpp))
+    vp_stage, pp_rank = divmod(chunk, pp)
+    return pp_rank, vp_stage, local
 
 
 def chunk_roles(pp: int, vpp: Optional[int], pp_rank: int, vp_stage: Optional[int]) -> Tuple[bool, bool]:
@@ -265,6 +278,16 @@ def rank_parameters(arch: ModelArch, spec: FoldingSpec, pp_rank: int = 0,
         shared = split_embedding and tied and not pre and not mtp
         out.append(ParamTensor("output_layer.weight", (vocab, h), "embedding", shared_embedding=shared))
     return out
+
+
+def full_parameters(arch: ModelArch) -> Dict[str, Tuple[int, ...]]:
+    """Names and shapes of the whole model's parameters, without parallelism, layers named by
+    their global index, in Megatron's registration order: the full weights that ranks shard.
+
+    The vocabulary is unpadded, as the CPU runtime builds it (``folding.megatron.model``).
+    """
+    unpadded = dataclasses.replace(arch, make_vocab_size_divisible_by=1)
+    return {p.name: p.shape for p in rank_parameters(unpadded, FoldingSpec(world_size=1))}
 
 
 class ParameterModel:

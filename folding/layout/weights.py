@@ -1,7 +1,8 @@
 """Weight layout: where every parameter of a GPT + MoE model lives under a folding.
 
 The *full* model is the one a single process holds (TP = PP = EP = 1): parameter names as in
-Megatron's GPTModel, layers numbered 0..L-1, experts 0..E-1. A *shard* is what one rank holds:
+Megatron's GPTModel, layers numbered 0..L-1, experts 0..E-1 (listed by
+``folding.layout.parameters.full_parameters``, the one description of GPTModel's tensors). A *shard* is what one rank holds:
 for each virtual pipeline chunk, the parameters of that chunk under their local names (local
 layer and expert indices), sliced for the rank's TP or ETP position.
 
@@ -29,6 +30,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 
 from folding.errors import FoldingError
+from folding.layout.parameters import layer_chunk, stage_layer_indices
 from folding.mesh import FoldingSpec
 from folding.recipe import ModelArch
 
@@ -88,18 +90,9 @@ def param_rule(full_name: str, swiglu: bool) -> ParamRule:
 
 
 # ------------------------------------------------------------------------------- name mapping
-def layers_per_chunk(arch: ModelArch, spec: FoldingSpec) -> int:
-    chunks = spec.pp * (spec.vpp or 1)
-    if arch.num_layers % chunks:
-        raise FoldingError(f"num_layers={arch.num_layers} is not divisible by PP x VPP = {chunks}")
-    return arch.num_layers // chunks
-
-
-def chunk_layers(arch: ModelArch, spec: FoldingSpec, pp_rank: int, vp_stage: int) -> range:
+def chunk_layers(arch: ModelArch, spec: FoldingSpec, pp_rank: int, vp_stage: int) -> List[int]:
     """Global layer indices of one pipeline chunk (Megatron's interleaved assignment)."""
-    per = layers_per_chunk(arch, spec)
-    first = (vp_stage * spec.pp + pp_rank) * per
-    return range(first, first + per)
+    return stage_layer_indices(arch, spec.pp, spec.vpp, pp_rank, vp_stage)
 
 
 def slot_experts(arch: ModelArch, global_layer: int, placement=None) -> List[int]:
@@ -154,9 +147,8 @@ def full_to_local_names(full: str, arch: ModelArch, spec: FoldingSpec, rank: int
     layer = _LAYER.match(full)
     if not layer:
         raise FoldingError(f"parameter {full!r} has no known place in the weight layout")
-    global_layer, per = int(layer.group(1)), layers_per_chunk(arch, spec)
-    chunk, local_layer = divmod(global_layer, per)
-    vp_stage, owner_pp = divmod(chunk, spec.pp)
+    global_layer = int(layer.group(1))
+    owner_pp, vp_stage, local_layer = layer_chunk(arch, spec.pp, spec.vpp, global_layer)
     if owner_pp != pp_rank:
         return []
     rest = layer.group(2)
@@ -256,40 +248,6 @@ def unshard(shards: List[Dict[ShardKey, torch.Tensor]], arch: ModelArch, spec: F
             raise FoldingError(f"{name}: slices {sorted(set(range(parts)) - set(slot))} are missing")
         full[name] = join_slices([slot[i] for i in range(parts)], param_rule(name, arch.swiglu))
     return full
-
-
-def full_param_shapes(arch: ModelArch) -> Dict[str, Tuple[int, ...]]:
-    """Names and shapes of the full model's parameters (Megatron's local spec, no biases)."""
-    h, d = arch.hidden_size, arch.head_dim
-    qkv = (arch.num_attention_heads + 2 * arch.query_groups) * d
-    fc1 = lambda f: (2 * f if arch.swiglu else f, h)  # noqa: E731
-    shapes: Dict[str, Tuple[int, ...]] = {"embedding.word_embeddings.weight": (arch.vocab_size, h)}
-    for layer, is_moe in enumerate(arch.moe_layer_pattern()):
-        p = f"decoder.layers.{layer}."
-        shapes[p + "input_layernorm.weight"] = (h,)
-        shapes[p + "self_attention.linear_qkv.weight"] = (qkv, h)
-        shapes[p + "self_attention.linear_proj.weight"] = (h, arch.num_attention_heads * d)
-        if arch.qk_layernorm:
-            shapes[p + "self_attention.q_layernorm.weight"] = (d,)
-            shapes[p + "self_attention.k_layernorm.weight"] = (d,)
-        shapes[p + "pre_mlp_layernorm.weight"] = (h,)
-        if is_moe:
-            shapes[p + "mlp.router.weight"] = (arch.num_experts, h)
-            f = arch.expert_ffn_hidden_size
-            for e in range(arch.num_experts):
-                shapes[p + f"mlp.experts.local_experts.{e}.linear_fc1.weight"] = fc1(f)
-                shapes[p + f"mlp.experts.local_experts.{e}.linear_fc2.weight"] = (h, f)
-            if arch.moe_shared_expert_intermediate_size:
-                s = arch.moe_shared_expert_intermediate_size
-                shapes[p + "mlp.shared_experts.linear_fc1.weight"] = fc1(s)
-                shapes[p + "mlp.shared_experts.linear_fc2.weight"] = (h, s)
-        else:
-            shapes[p + "mlp.linear_fc1.weight"] = fc1(arch.ffn_hidden_size)
-            shapes[p + "mlp.linear_fc2.weight"] = (h, arch.ffn_hidden_size)
-    shapes["decoder.final_layernorm.weight"] = (h,)
-    if arch.untie_embeddings_and_output_weights:
-        shapes["output_layer.weight"] = (arch.vocab_size, h)
-    return shapes
 
 
 def named_parameters_of_chunks(chunks: Iterable[torch.nn.Module]) -> Dict[ShardKey, torch.nn.Parameter]:

@@ -13,11 +13,9 @@ from itertools import groupby
 from typing import Dict, List, Optional
 
 from folding.errors import FoldingError
-from folding.mesh import DEFAULT_ORDER, FoldingSpec
+from folding.megatron.mapping import degree_flags
+from folding.mesh import FoldingSpec
 from folding.recipe import ModelArch, Recipe, TrainingSetup
-
-# Megatron's --use-tp-pp-dp-mapping switches to this order; no flag selects any other.
-TP_PP_DP_ORDER = "tp-cp-ep-pp-dp"
 
 
 def _number(value) -> str:
@@ -95,21 +93,7 @@ def model_flags(arch: ModelArch, seq_length: int) -> List[str]:
 
 
 def parallel_flags(spec: FoldingSpec, arch: ModelArch, training: TrainingSetup) -> List[str]:
-    f = ["--tensor-model-parallel-size", str(spec.tp),
-         "--pipeline-model-parallel-size", str(spec.pp),
-         "--context-parallel-size", str(spec.cp)]
-    if spec.vpp:
-        f += ["--num-layers-per-virtual-pipeline-stage", str(arch.num_layers // (spec.pp * spec.vpp))]
-    if arch.num_experts:
-        f += ["--expert-model-parallel-size", str(spec.ep),
-              "--expert-tensor-parallel-size", str(spec.etp)]
-    if spec.sequence_parallel:
-        f.append("--sequence-parallel")
-    if spec.order == TP_PP_DP_ORDER:
-        f.append("--use-tp-pp-dp-mapping")
-    elif spec.order != DEFAULT_ORDER:
-        raise FoldingError(f"rank order {spec.order!r} has no Megatron flag: Megatron offers "
-                           f"{DEFAULT_ORDER} (default) and {TP_PP_DP_ORDER} (--use-tp-pp-dp-mapping)")
+    f = degree_flags(spec, arch.num_layers, moe=bool(arch.num_experts))
     if training.use_distributed_optimizer:
         f.append("--use-distributed-optimizer")
     if training.overlap_grad_reduce:

@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 
 from folding.errors import FoldingError
+from folding.megatron.mapping import parallel_state_kwargs
 from folding.mesh import FoldingSpec
 
 
@@ -111,16 +112,7 @@ def initialize(spec: FoldingSpec, **megatron_kwargs) -> None:
     from megatron.core import parallel_state as ps
 
     _require_world(spec)
-    ps.initialize_model_parallel(
-        tensor_model_parallel_size=spec.tp,
-        pipeline_model_parallel_size=spec.pp,
-        virtual_pipeline_model_parallel_size=spec.vpp,
-        context_parallel_size=spec.cp,
-        expert_model_parallel_size=spec.ep,
-        expert_tensor_parallel_size=spec.etp,
-        order=spec.order,
-        **megatron_kwargs,
-    )
+    ps.initialize_model_parallel(**parallel_state_kwargs(spec), **megatron_kwargs)
     verify_megatron_groups(spec)
 
 

@@ -17,6 +17,7 @@ from typing import List, Optional
 import torch
 
 from folding.errors import FoldingError
+from folding.megatron.mapping import config_kwargs
 from folding.mesh import FoldingSpec
 from folding.recipe import ModelArch, TrainingSetup
 
@@ -115,13 +116,6 @@ def transformer_config(arch: ModelArch, training: TrainingSetup, spec: FoldingSp
         init_method_std=training.init_method_std,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        tensor_model_parallel_size=spec.tp,
-        pipeline_model_parallel_size=spec.pp,
-        virtual_pipeline_model_parallel_size=spec.vpp,
-        context_parallel_size=spec.cp,
-        expert_model_parallel_size=spec.ep,
-        expert_tensor_parallel_size=spec.etp,
-        sequence_parallel=spec.sequence_parallel,
         pipeline_dtype=dtype,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -133,6 +127,7 @@ def transformer_config(arch: ModelArch, training: TrainingSetup, spec: FoldingSp
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         cross_entropy_loss_fusion=False,
+        **config_kwargs(spec),
         **moe,
     )
 

@@ -5,7 +5,7 @@ This module owns four things and no rule of its own:
 - ``add_arguments(parser)``: the ``--folding-*`` flags on Megatron's argument parser (Megatron's
   ``extra_args_provider`` convention: it takes the parser and returns it).
 - ``spec_from_args(args)``: the ``FoldingSpec`` of a parsed and validated Megatron argument
-  namespace. Every folding rule is FoldingSpec's; this only translates names.
+  namespace (from ``folding.megatron.mapping``, re-exported here for the patches).
 - ``check_mesh(spec)``: once Megatron-LM's ``initialize_megatron`` has built its process
   groups, compare each of them with the pure-Python mesh on every rank
   (``folding.megatron.groups.verify_megatron_groups``, the check ``initialize`` runs too).
@@ -25,16 +25,9 @@ import argparse
 import dataclasses
 from typing import Callable, Optional
 
-from folding.megatron.flags import TP_PP_DP_ORDER
 from folding.errors import FoldingError
-from folding.mesh import DEFAULT_ORDER, FoldingSpec
-
-# Megatron arguments that split layers unevenly over pipeline stages: with any of them set,
-# FoldingSpec's "layers divisible by PP x VPP" rule does not describe the model.
-_UNEVEN_PIPELINE = ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage",
-                    "decoder_first_pipeline_num_layers", "decoder_last_pipeline_num_layers",
-                    "pipeline_model_parallel_layout", "account_for_embedding_in_pipeline_split",
-                    "account_for_loss_in_pipeline_split")
+from folding.megatron.mapping import spec_from_args
+from folding.mesh import FoldingSpec
 
 # Megatron flags the folded dispatcher cannot train with, and why.
 _REFUSED_FLAGS = (
@@ -68,32 +61,6 @@ def add_arguments(parser: argparse.ArgumentParser,
                        help="ranks per node, for the layout report and the dispatcher's "
                             "same-node replica choice (default 8)")
     return then(parser) if then is not None else parser
-
-
-def spec_from_args(args) -> FoldingSpec:
-    """The folding of a parsed, validated Megatron argument namespace (raises InvalidFolding)."""
-    if getattr(args, "use_tp_pp_dp_mapping", False):
-        order = TP_PP_DP_ORDER
-    else:
-        order = DEFAULT_ORDER
-    uneven = any(getattr(args, name, None) for name in _UNEVEN_PIPELINE)
-    query_groups = args.num_query_groups if getattr(args, "group_query_attention", False) else None
-    return FoldingSpec(
-        world_size=args.world_size,
-        tp=args.tensor_model_parallel_size,
-        pp=args.pipeline_model_parallel_size,
-        cp=args.context_parallel_size,
-        vpp=args.virtual_pipeline_model_parallel_size,
-        ep=args.expert_model_parallel_size,
-        etp=args.expert_tensor_parallel_size,
-        order=order,
-        gpus_per_node=getattr(args, "folding_gpus_per_node", 8),
-        num_experts=args.num_experts,
-        num_layers=None if uneven else args.num_layers,
-        num_attention_heads=args.num_attention_heads,
-        num_query_groups=query_groups,
-        sequence_parallel=bool(args.sequence_parallel),
-    )
 
 
 def check_mesh(spec: FoldingSpec) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -21,8 +21,21 @@ from folding.mesh import FoldingSpec
 from folding.megatron.model import (MoERouting, build_model_chunks, build_optimizer, identity_placement,
                            transformer_config, wrap_ddp)
 from folding.recipe import ModelArch, TrainingSetup
-from folding.layout.weights import (ShardKey, full_param_shapes, named_parameters_of_chunks, shard,
-                             unshard)
+from folding.layout.parameters import full_parameters
+from folding.layout.weights import ShardKey, named_parameters_of_chunks, shard, unshard
+
+
+def _draw_order(shapes: Dict[str, Tuple[int, ...]]) -> List[Tuple[str, Tuple[int, ...]]]:
+    """The parameters in the order their initial values are drawn: registration order, except
+    that each layer's query-key-value projection is drawn before its output projection. That
+    was the first release's order; keeping it keeps a seed's starting point, and so every
+    recorded loss, unchanged."""
+    items = list(shapes.items())
+    for i in range(len(items) - 1):
+        if (items[i][0].endswith("self_attention.linear_proj.weight")
+                and items[i + 1][0].endswith("self_attention.linear_qkv.weight")):
+            items[i], items[i + 1] = items[i + 1], items[i]
+    return items
 
 
 def init_full_weights(arch: ModelArch, std: float, seed: int) -> Dict[str, torch.Tensor]:
@@ -34,7 +47,7 @@ def init_full_weights(arch: ModelArch, std: float, seed: int) -> Dict[str, torch
     g = torch.Generator().manual_seed(seed)
     scaled = std / math.sqrt(2.0 * arch.num_layers)
     out = {}
-    for name, shape in full_param_shapes(arch).items():
+    for name, shape in _draw_order(full_parameters(arch)):
         if name.endswith("layernorm.weight") or name.endswith("layer_norm_weight"):
             out[name] = torch.ones(shape)
         elif name.endswith("linear_proj.weight") or name.endswith("linear_fc2.weight"):
