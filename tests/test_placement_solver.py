@@ -14,9 +14,11 @@ from folding.placement.milp import solve_milp
 from folding.placement.packing import balanced_packing, replica_counts
 from folding.placement.placement import Placement
 from folding.placement.search import LayerSearch, balance_bound, best_first, expected_excess
-from folding.placement.solver import align_ranks, solve
+from folding.placement.solver import solve
+from folding.placement.starts import DEFAULT_STARTS, ChainStart, NodeFirstStart, NodeSplitStart, PackingStart
 from folding.placement.synth import SynthSpec, synthesize
 from folding.placement.trace import RoutingTrace
+from folding.placement.training import align_ranks
 
 
 # ----------------------------------------------------------------------------- packing
@@ -307,16 +309,16 @@ def test_solver_beats_baselines_on_structured_traces():
 
 
 def test_the_large_instance_shortcuts_keep_quality(monkeypatch):
-    from folding.placement import solver
+    from folding.placement import search, training
 
     trace = synthesize(SynthSpec(32, 4, 4000, 4, coactivation=0.9, affinity=0.9, group_size=8, seed=5))
     base = evaluate(contiguous(trace, 8, 4).placement, trace)
     small = {objective: solve(trace, 8, 4, objective) for objective in ("training", "inference")}
-    monkeypatch.setattr(solver, "LARGE_INSTANCE", 1)  # every instance counts as large
+    monkeypatch.setattr(search, "LARGE_INSTANCE", 1)  # every instance counts as large
     large = {objective: solve(trace, 8, 4, objective) for objective in ("training", "inference")}
     # training: the same layers, from worker processes where there are two cores
     assert np.array_equal(large["training"].placement.layers, small["training"].placement.layers)
-    assert ("worker_cpu_seconds" in large["training"].info) == (solver.default_workers(4, 32) > 1)
+    assert ("worker_cpu_seconds" in large["training"].info) == (training.default_workers(4, 32) > 1)
     # inference: later passes only swap, and the result still beats contiguous by far
     fast = evaluate(large["inference"].placement, trace)
     assert fast.x_gpu < 0.5 * base.x_gpu
@@ -363,6 +365,10 @@ def test_training_layers_in_worker_processes_equal_one_process():
     assert np.array_equal(side_by_side.placement.layers, alone.placement.layers)
     assert "worker_cpu_seconds" not in alone.info
     assert 1 <= len(side_by_side.info["worker_cpu_seconds"]) <= 2
+    # the workers are not forks of this (threaded) process
+    from folding.placement.training import worker_context
+
+    assert worker_context().get_start_method() in ("forkserver", "spawn")
     late = solve(trace, 8, 4, "training", time_limit=1e-6, workers=2)
     late.placement.validate(num_experts=32, num_layers=4)
     assert late.info["stopped_at_layer"] == 0
@@ -374,80 +380,111 @@ def test_time_limit_still_returns_a_valid_placement():
         solve(trace, 8, 4, objective, time_limit=1e-6).placement.validate(num_experts=32, num_layers=6)
 
 
-@pytest.mark.parametrize("seed, node_first_wins", [(14, False), (17, True)])
-def test_small_inference_keeps_the_cheaper_of_the_flat_and_node_first_starts(seed, node_first_wins, monkeypatch):
-    from folding.placement import node_program
-    from folding.placement.solver import DEFAULT_BALANCE_SLACK, build_items, inference_search
+# ----------------------------------------------------------------------------- inference starts
+def inference_cost(result, trace):
+    return evaluate(result.placement, trace).cost("inference")
 
-    monkeypatch.setattr(node_program, "MAX_NODE_STATES", 0)  # these two starts alone
 
+@pytest.mark.parametrize("seed", [14, 17])
+def test_small_inference_keeps_the_cheaper_of_the_flat_and_node_first_starts(seed):
+    """Whichever of the two wins, the solver's placement is that start's own result."""
     trace = synthesize(SynthSpec(16, 3, 1500, 2, coactivation=0.5, affinity=0.7, group_size=4, seed=seed,
                                  token_seed=seed))
-    result = solve(trace, 4, 2, "inference", sampling_noise=False)
-    layers = build_items(trace, 4, 0, DEFAULT_BALANCE_SLACK, noise=False)
-    inference_search(trace, layers, np.arange(4) // 2, 4, 1.0, 1.0, None, None)
-    flat = Placement.from_rank_assignment(16, 4, 2, [i.experts for i in layers], [i.ranks for i in layers])
-    cost, flat_cost = (evaluate(p, trace).cost("inference") for p in (result.placement, flat))
-    assert result.info["node_first"] is node_first_wins
-    if node_first_wins:
-        assert cost < 0.9 * flat_cost  # seed 17: 0.451 against 0.513
+    both, flat, node_first = (solve(trace, 4, 2, "inference", sampling_noise=False, starts=starts)
+                              for starts in ([PackingStart(), NodeFirstStart()], [PackingStart()], [NodeFirstStart()]))
+    cost, flat_cost, node_first_cost = (inference_cost(r, trace) for r in (both, flat, node_first))
+    assert both.info["node_first"] is (node_first_cost < flat_cost)
+    assert cost == pytest.approx(min(flat_cost, node_first_cost), abs=1e-12)
+    kept = node_first if both.info["node_first"] else flat
+    assert np.array_equal(both.placement.layers, kept.placement.layers)
+
+
+def assert_kept_only_when_cheaper(trace, name, result, without):
+    """``result`` ran the start ``name`` last, ``without`` the same starts but that one: the
+    start is kept only when cheaper than the rest, and one not kept changes nothing."""
+    assert name in result.info and name not in without.info
+    cost, without_cost = inference_cost(result, trace), inference_cost(without, trace)
+    if result.info[name]:
+        assert cost < without_cost
     else:
-        assert cost == pytest.approx(flat_cost, abs=1e-12)  # seed 14: node-first reaches 0.445, flat 0.410
+        assert np.array_equal(result.placement.layers, without.placement.layers)
+    return cost
 
 
-@pytest.mark.parametrize("seed, chain_start_wins", [(3, True), (5, False)])
-def test_small_inference_keeps_the_chain_start_when_it_is_cheaper(seed, chain_start_wins, monkeypatch):
+@pytest.mark.parametrize("seed", [3, 5])
+def test_small_inference_keeps_the_chain_start_only_when_it_is_cheaper(seed):
     """12 experts x 4 ranks (4^12 states): the solver also searches from the chain program's
-    placement and keeps it only when cheaper; the chain bound stays below what it keeps."""
-    from folding.placement import node_program, solver
+    placement; the chain bound stays below what it keeps."""
     from folding.placement.chain_bound import inference_chain_bound
 
-    monkeypatch.setattr(node_program, "MAX_NODE_STATES", 0)  # the node-split start reaches 0.477 too
     trace = synthesize(SynthSpec(12, 4, 1500, 2, coactivation=0.7, affinity=0.7, group_size=4, seed=seed,
                                  token_seed=seed))
-    result = solve(trace, 4, 2, "inference", sampling_noise=False)
-    monkeypatch.setattr(solver, "CHAIN_START_MAX_STATES", 0)
-    without = solve(trace, 4, 2, "inference", sampling_noise=False)
-    assert "chain_start" not in without.info
-    cost, without_cost = (evaluate(r.placement, trace).cost("inference") for r in (result, without))
-    assert result.info["chain_start"] is chain_start_wins
-    if chain_start_wins:
-        assert cost < 0.95 * without_cost  # seed 3: 0.477 against 0.538
-    else:
-        assert cost == pytest.approx(without_cost, abs=1e-12)  # seed 5: 0.446 either way
+    result, without = (solve(trace, 4, 2, "inference", sampling_noise=False, starts=starts)
+                       for starts in ([PackingStart(), NodeFirstStart(), ChainStart()],
+                                      [PackingStart(), NodeFirstStart()]))
+    cost = assert_kept_only_when_cheaper(trace, "chain_start", result, without)
     assert inference_chain_bound(trace, 4, 2).bound <= cost
 
 
-def test_small_inference_starts_keep_the_sampling_noise_balance_rule():
-    """The chain program balances by fitted loads only; its start is repaired before the search,
-    so that, as every other start, it ends within each layer's budget under the default rule
-    (before the repair, 4 of these 6 layers were over)."""
-    from folding.placement.solver import DEFAULT_BALANCE_SLACK, build_items, layer_search
+@pytest.mark.parametrize("start", DEFAULT_STARTS, ids=lambda start: start.name)
+def test_every_small_inference_start_keeps_the_sampling_noise_balance_rule(start):
+    """Each start alone (the first start is kept whatever it costs) ends within each layer's
+    budget under the default rule. The chain program balances by fitted loads only, so its
+    start is repaired before the search (before the repair, 4 of these 6 layers were over)."""
+    from folding.placement.inference import layer_search
+    from folding.placement.problem import DEFAULT_BALANCE_SLACK, build_items
 
     trace, _ = synthesize(SynthSpec(12, 6, 6000, 2, coactivation=0.7, affinity=0.7, group_size=4)).split(0.5)
-    result = solve(trace, 4, 2, "inference")
-    assert result.info["chain_start"] is True
+    result = solve(trace, 4, 2, "inference", starts=[start])
+    assert "passes" in result.info  # the start applied, and its search ran
     for layer, items in enumerate(build_items(trace, 4, 0, DEFAULT_BALANCE_SLACK)):
         items.ranks = np.array([result.placement.ranks_of(layer, e)[0] for e in items.experts])
         assert layer_search(items, np.arange(4) // 2).within_budget(), layer
 
 
-def test_small_inference_keeps_the_node_split_start_when_it_is_cheaper(monkeypatch):
+def test_small_inference_keeps_the_node_split_start_only_when_it_is_cheaper():
     """The certificate's instance (16 experts x 8 layers x 4 ranks in 2 nodes, noise-free
-    balance): the node-split start reaches 0.488 where the other starts stop at 0.536."""
-    from folding.placement import node_program
-
+    balance) with the default starts, the node-split start last."""
     trace, _ = synthesize(SynthSpec(16, 8, 8000, 2, coactivation=0.7, affinity=0.7, group_size=4)).split(0.5)
+    assert isinstance(DEFAULT_STARTS[-1], NodeSplitStart)
     result = solve(trace, 4, 2, "inference", sampling_noise=False)
-    monkeypatch.setattr(node_program, "MAX_NODE_STATES", 0)
-    without = solve(trace, 4, 2, "inference", sampling_noise=False)
-    assert result.info["node_split_start"] is True and "node_split_start" not in without.info
-    cost, without_cost = (evaluate(r.placement, trace).cost("inference") for r in (result, without))
-    assert cost < 0.92 * without_cost
+    without = solve(trace, 4, 2, "inference", sampling_noise=False, starts=DEFAULT_STARTS[:-1])
+    assert_kept_only_when_cheaper(trace, "node_split_start", result, without)
     # and it leaves no start out when time is short: none past the deadline
     hurried = solve(trace, 4, 2, "inference", sampling_noise=False, time_limit=1.0)
     assert "node_split_start" not in hurried.info
     hurried.placement.validate(num_experts=16, num_layers=8, ep_size=4)
+
+
+class UnbalancedStart:
+    """The ExFlow-style placement: fewer hops, no balance rule."""
+
+    name = "unbalanced"
+
+    def __init__(self, placement):
+        self.placement = placement
+
+    def applies(self, run):
+        return True
+
+    def place(self, run):
+        run.set_ranks([np.array([self.placement.ranks_of(layer, e)[0] for e in items.experts])
+                       for layer, items in enumerate(run.layers)])
+        return {}
+
+
+def test_a_start_outside_the_balance_limits_is_never_kept():
+    trace = synthesize(SynthSpec(16, 3, 1500, 2, coactivation=0.5, affinity=0.7, skew=1.0, group_size=4, seed=17,
+                                 token_seed=17))
+    unbalanced = UnbalancedStart(exflow(trace, 4, 2).placement)
+    flat = solve(trace, 4, 2, "inference", starts=[PackingStart()])
+    result = solve(trace, 4, 2, "inference", starts=[PackingStart(), unbalanced])
+    assert result.info["unbalanced"] is False
+    assert np.array_equal(result.placement.layers, flat.placement.layers)
+    # alone it is the first start, kept whatever it costs: it was cheaper, the limits turned it down
+    alone = solve(trace, 4, 2, "inference", starts=[unbalanced])
+    assert inference_cost(alone, trace) < inference_cost(flat, trace)
+    assert evaluate(alone.placement, trace).balance < evaluate(flat.placement, trace).balance
 
 
 # ----------------------------------------------------------------------------- baselines

@@ -118,7 +118,8 @@ def run_solve(args: argparse.Namespace, trace, score) -> int:
     from folding.placement.baselines import run_baseline
     from folding.placement.metrics import evaluate
     from folding.placement.placement import Placement
-    from folding.placement.solver import DEFAULT_BALANCE_SLACK, solve
+    from folding.placement.problem import DEFAULT_BALANCE_SLACK
+    from folding.placement.solver import solve
 
     progress = sys.stderr.isatty()
     slack = DEFAULT_BALANCE_SLACK if args.balance_slack is None else args.balance_slack

@@ -4,8 +4,16 @@ One module per concern: ``placement`` (the placement file the token dispatcher l
 ``trace`` (the routing trace file, its validation and statistics), ``recorder`` (collecting a
 trace during training), ``synth`` (synthetic traces), ``metrics`` (scoring a placement on a
 trace), ``packing`` (replica counts and balanced packing), ``search`` (swap local search of one
-layer), ``solver`` (the fast solver), ``baselines`` (contiguous, EPLB-style, ExFlow-style),
-``milp`` (the exact solver that certifies small instances) and ``plot``.
+layer), ``problem`` (what every placement method solves: items, balance limits, hop costs),
+``training`` and ``inference`` (the fast solver's search for each objective), ``starts`` (the
+inference search's starts), ``solver`` (the fast solver), ``baselines`` (contiguous,
+EPLB-style, ExFlow-style), ``milp`` (the exact solver that certifies small instances),
+``chain_bound`` (a lower bound on the inference objective of small instances),
+``node_program`` (a dynamic program over layers, one of the starts) and ``plot``.
+
+Imports go one way: ``problem`` builds on ``packing``, ``search``, ``placement`` and ``trace``;
+``training``, ``inference``, ``milp``, ``chain_bound`` and ``node_program`` on ``problem``;
+``starts`` on ``inference``, ``chain_bound`` and ``node_program``; ``solver`` on them all.
 """
 
 from folding.placement.metrics import PlacementMetrics, evaluate

@@ -46,9 +46,9 @@ from scipy.optimize import linear_sum_assignment
 
 from folding.errors import FoldingError
 from folding.placement.metrics import evaluate, objective_weights
-from folding.placement.milp import _limits
 from folding.placement.placement import Placement
-from folding.placement.solver import DEFAULT_BALANCE_SLACK, check_sizes, hop_matrix
+from folding.placement.problem import (DEFAULT_BALANCE_SLACK, check_sizes, expert_balance_limits, hop_matrix,
+                                       ordered_partitions)
 from folding.placement.trace import RoutingTrace
 
 MAX_STATES = 4 ** 16
@@ -121,24 +121,6 @@ def hop_costs(ep_size: int, gpus_per_node: int) -> np.ndarray:
     return hops.astype(np.int64)
 
 
-@functools.lru_cache(maxsize=8)
-def _rest_partitions(count: int, parts: int, size: int) -> np.ndarray:
-    """``_ordered_partitions`` of range(count), kept: every layer of an instance asks for the same."""
-    return _ordered_partitions(list(range(count)), parts, size)
-
-
-def _ordered_partitions(items: List[int], parts: int, size: int) -> np.ndarray:
-    """int64 [N, parts, size]: every split of ``items`` into ``parts`` labelled groups of ``size``."""
-    if parts == 1:
-        return np.array([[items]], dtype=np.int64)
-    out = []
-    for group in itertools.combinations(items, size):
-        remaining = [i for i in items if i not in group]
-        for rest in _ordered_partitions(remaining, parts - 1, size):
-            out.append(np.vstack(([group], rest)))
-    return np.array(out, dtype=np.int64)
-
-
 def balanced_states(loads: np.ndarray, ep_size: int, threshold: float, budget: float,
                     positions: np.ndarray) -> np.ndarray:
     """uint64: the state index (sum of rank * P^position over experts) of every assignment of
@@ -147,7 +129,7 @@ def balanced_states(loads: np.ndarray, ep_size: int, threshold: float, budget: f
     E, P = len(loads), ep_size
     S = E // P
     place = np.uint64(P) ** positions.astype(np.uint64)
-    rest = _rest_partitions(E - S, P - 1, S) if P > 1 else np.zeros((1, 0, S), np.int64)
+    rest = ordered_partitions(E - S, P - 1, S) if P > 1 else np.zeros((1, 0, S), np.int64)
     found = []
     for first in itertools.combinations(range(E), S):
         first = np.array(first)
@@ -358,7 +340,8 @@ def inference_chain_bound(trace: RoutingTrace, ep_size: int, gpus_per_node: int,
     start = time.perf_counter()
     transitions = trace.top1_transitions()
     counts = trace.expert_counts().astype(np.float64)
-    limits = [_limits(trace, layer, counts[layer], P, E // P, balance_slack, sampling_noise) for layer in range(L)]
+    limits = [expert_balance_limits(trace, layer, counts[layer], P, E // P, balance_slack, sampling_noise)
+              for layer in range(L)]
     hops = hop_costs(P, gpus_per_node)
     followers, _ = matching_lines(transitions)
     parts = line_parts(transitions, followers, line_share)

@@ -20,7 +20,7 @@ linearised:
   prices that exactly for the flow along each layer pair's matching and reaches 0.47 there.
 
 Balance: sum over ranks of max(load_r - t, 0) <= budget with t and budget from
-``solver.balance_limits``. Without sampling noise that is exactly the fast solver's constraint
+``problem.balance_limits``. Without sampling noise that is exactly the fast solver's constraint
 (``solve(..., sampling_noise=False)``), so the two solve the same problem. With noise, the
 fast solver bounds sum_r E[(X_r - t)+] >= sum_r (load_r - t)+ (Jensen), so the MILP with the
 same t and budget is a relaxation and its bound is a lower bound for the fast solver's problem.
@@ -41,7 +41,7 @@ from scipy.sparse import coo_matrix
 from folding.errors import FoldingError
 from folding.placement.metrics import evaluate, objective_weights
 from folding.placement.placement import Placement
-from folding.placement.solver import DEFAULT_BALANCE_SLACK, balance_limits, check_sizes
+from folding.placement.problem import DEFAULT_BALANCE_SLACK, check_sizes, expert_balance_limits
 from folding.placement.trace import RoutingTrace
 
 MAX_VARIABLES = 20_000
@@ -173,14 +173,6 @@ def _ranks_of(solution: np.ndarray, x: np.ndarray) -> np.ndarray:
     return np.argmax(np.round(solution[x]), axis=1)
 
 
-def _limits(trace: RoutingTrace, layer: int, counts: np.ndarray, ep_size: int, slots: int, slack: float,
-            noise: bool):
-    from folding.placement.solver import item_affinity
-
-    affinity = item_affinity(trace.coactivation(layer), np.arange(trace.num_experts)) if noise else None
-    return balance_limits(counts.astype(np.float64), affinity, ep_size, slots, slack, noise)
-
-
 def _check(trace: RoutingTrace, ep_size: int, gpus_per_node: int, redundant: int) -> None:
     check_sizes(trace.num_experts, ep_size, gpus_per_node, redundant)
     if redundant:
@@ -208,7 +200,8 @@ def solve_training_milp(trace: RoutingTrace, ep_size: int, gpus_per_node: int, r
     check_size(max(E * P + len(sets) * (P + num_nodes) + P for sets, _ in layer_sets))
     for layer, (sets, weight) in enumerate(layer_sets):
         model = _Model()
-        threshold, budget = _limits(trace, layer, counts[layer], P, slots, balance_slack, sampling_noise)
+        threshold, budget = expert_balance_limits(trace, layer, counts[layer], P, slots, balance_slack,
+                                                  sampling_noise)
         x = _assignment(model, E, P, slots, counts[layer].astype(float), threshold, budget, canonical)
         y = model.variables(len(sets) * P, cost=np.repeat(weight * rank_weight / T, P)).reshape(len(sets), P)
         for s, members in enumerate(sets):
@@ -257,7 +250,8 @@ def solve_inference_milp(trace: RoutingTrace, ep_size: int, gpus_per_node: int, 
     model = _Model()
     xs = []
     for layer in range(L):
-        threshold, budget = _limits(trace, layer, counts[layer], P, slots, balance_slack, sampling_noise)
+        threshold, budget = expert_balance_limits(trace, layer, counts[layer], P, slots, balance_slack,
+                                                  sampling_noise)
         canonical = rank_nodes if layer == 0 and (P % gpus_per_node == 0 or num_nodes == 1) else None
         xs.append(_assignment(model, E, P, slots, counts[layer].astype(float), threshold, budget, canonical))
     scale = (L - 1) * T

@@ -1,5 +1,5 @@
 """A two-level dynamic program over layers that places small multi-node inference instances: the
-fast solver's node-split start (``solver.solve_inference``).
+fast solver's node-split start (``starts.NodeSplitStart``).
 
 Block coordinate descent moves one layer at a time, so a token path that should move to another
 rank in every layer at once stays where it is; a dynamic program over layers moves them all.
@@ -23,7 +23,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from folding.placement.chain_bound import _rest_partitions
+from folding.placement.problem import ordered_partitions
 from folding.placement.search import expected_excess
 
 MAX_NODE_STATES = 20_000
@@ -121,8 +121,8 @@ def node_split_program(transitions: np.ndarray, loads: List[np.ndarray], affinit
     P = hops.shape[0]
     N, G = P // gpus_per_node, gpus_per_node
     per_node, per_rank = E // N, E // P
-    nodes = _rest_partitions(E, N, per_node)                   # [M, N, E/N] items of each node
-    splits = _rest_partitions(per_node, G, per_rank)           # [K, G, S] positions in a node
+    nodes = ordered_partitions(E, N, per_node)                 # [M, N, E/N] items of each node
+    splits = ordered_partitions(per_node, G, per_rank)         # [K, G, S] positions in a node
     node_of = np.empty((len(nodes), E), dtype=np.int64)
     for n in range(N):
         node_of[np.arange(len(nodes))[:, None], nodes[:, n]] = n
