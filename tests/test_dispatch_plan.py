@@ -112,3 +112,18 @@ def test_traffic_counters_total_dispatches_until_reset():
     assert s["received"] == 10
     counters.reset()
     assert set(counters.summary().values()) == {0}
+
+
+def test_a_placement_of_the_wrong_size_is_a_folding_error_naming_the_sizes():
+    from types import SimpleNamespace
+
+    import pytest
+
+    from folding.dispatcher.token_dispatcher import FoldedTokenDispatcher
+    from folding.errors import FoldingError
+
+    dispatcher = SimpleNamespace(ep_size=4, slots_per_rank=2, rank_node=torch.zeros(4))
+    with pytest.raises(FoldingError, match=r"placement has 6 slots, EP=4 x 2 slots per rank = 8"):
+        FoldedTokenDispatcher.set_slot_experts(dispatcher, torch.arange(6))
+    FoldedTokenDispatcher.set_slot_experts(dispatcher, torch.arange(8))
+    assert dispatcher.slot_map is not None

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from folding.dispatcher.counters import TrafficCounters
 from folding.dispatcher.send_plan import SlotMap, choose_replicas, expand_received, plan_sends
+from folding.errors import FoldingError
 
 try:
     from megatron.core.transformer.moe.token_dispatcher import MoETokenDispatcher
@@ -49,7 +50,7 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
         """The logical expert of every slot of this layer (``P*S`` entries)."""
         expected = self.ep_size * self.slots_per_rank
         if slot_expert.numel() != expected:
-            raise ValueError(f"placement has {slot_expert.numel()} slots, EP={self.ep_size} x "
+            raise FoldingError(f"placement has {slot_expert.numel()} slots, EP={self.ep_size} x "
                              f"{self.slots_per_rank} slots per rank = {expected} expected")
         self.slot_map = SlotMap(slot_expert.long().cpu(), self.slots_per_rank, self.rank_node)
 

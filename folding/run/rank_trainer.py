@@ -264,8 +264,16 @@ class RankTrainer:
         registered on them, and DDP holds the model, its buffers and every process group. A
         process that builds trainers in turn (the checker, the memory measurements) would keep
         them all, and their gloo threads, whose idle polling slowed every later case. Emptying
-        the wrappers breaks the chain. The trainer cannot be used afterwards.
+        the wrappers breaks the chain. Megatron's rotary embedding memoises ``forward`` with a
+        class-level ``lru_cache`` whose keys hold the module, and with it the context-parallel
+        group it keeps; the model's memoised methods are cleared for that reason. The trainer
+        cannot be used afterwards.
         """
+        for chunk in self.chunks or []:
+            for module in chunk.modules():
+                for attribute in vars(type(module)).values():
+                    if hasattr(attribute, "cache_clear"):
+                        attribute.cache_clear()
         for wrapper in self.ddp or []:
             vars(wrapper).clear()
         if self.config is not None:
