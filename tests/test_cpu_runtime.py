@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from folding.run.launch import run_ranks
 from folding.megatron import cpu_runtime as cpu
+from folding.run.launch import run_ranks
 
 pytestmark = pytest.mark.megatron
 
@@ -54,11 +54,11 @@ def test_uneven_all_gather_on_gloo():
 
 
 def _model_shapes(rank, world, foldings):
-    from folding.megatron.model import build_model_chunks
-    from folding.megatron.groups import destroy, initialize
-    from folding.recipe import load_recipe
-    from folding.megatron.cpu_runtime import enable
     from folding.layout.weights import named_parameters_of_chunks
+    from folding.megatron.cpu_runtime import enable
+    from folding.megatron.groups import destroy, initialize
+    from folding.megatron.model import build_model_chunks
+    from folding.recipe import load_recipe
 
     enable()
     out = []
@@ -75,9 +75,9 @@ def _model_shapes(rank, world, foldings):
 def test_megatron_model_matches_the_weight_layout():
     """Every parameter Megatron builds on every rank is what folding.layout.weights says, by name and
     shape, and nothing is missing or extra."""
-    from folding.recipe import load_recipe
     from folding.layout.parameters import full_parameters
     from folding.layout.weights import shard
+    from folding.recipe import load_recipe
 
     foldings = [dict(world_size=8, tp=2, ep=4, etp=1), dict(world_size=8, tp=4, ep=2, etp=2),
                 dict(world_size=8, tp=2, pp=2, vpp=2, ep=2, etp=2), dict(world_size=8, tp=1, pp=2, ep=4)]
@@ -98,10 +98,10 @@ def _gloo_threads() -> int:
 
 
 def _trainers_in_turn(rank, world, close):
-    from folding.run.corpus import ByteCorpus, micro_batches
+    from folding.megatron.cpu_runtime import enable
     from folding.megatron.groups import destroy
     from folding.recipe import load_recipe
-    from folding.megatron.cpu_runtime import enable
+    from folding.run.corpus import ByteCorpus, micro_batches
     from folding.run.rank_trainer import RankTrainer
 
     enable()

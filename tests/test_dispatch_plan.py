@@ -5,7 +5,7 @@ import math
 import torch
 
 from folding.dispatcher.send_plan import (SlotMap, _greedy_least_loaded, choose_replicas,
-                                     expand_received, plan_sends)
+                                          expand_received, plan_sends)
 
 # Ranks 0,1 on node 0 and ranks 2,3 on node 1; 3 slots per rank.
 SLOTS = SlotMap(torch.tensor([2, 1, 1, 3, 6, 2, 0, 5, 3, 4, 7, 4]), 3, torch.tensor([0, 0, 1, 1]))

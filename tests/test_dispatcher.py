@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from folding.run.launch import run_ranks
-from folding.mesh import FoldingSpec
 from folding.megatron.model import MoERouting
+from folding.mesh import FoldingSpec
 from folding.placement.placement import Placement
+from folding.run.launch import run_ranks
 from folding.run.verify import VerifyCase, verify_many
 
 pytestmark = [pytest.mark.megatron, pytest.mark.multiprocess]
@@ -25,10 +25,11 @@ ROUTINGS = [("router", {}), ("forced", dict(capacity_factor=1.0, drop_policy="pr
 
 
 def _compare_layers(rank, world, cases):
-    from folding.testing.dispatcher_harness import build_layer, copy_weights, forced_routing, run_layer
+    from folding.megatron.cpu_runtime import enable
     from folding.megatron.groups import destroy, initialize
     from folding.recipe import load_recipe
-    from folding.megatron.cpu_runtime import enable
+    from folding.testing.dispatcher_harness import (build_layer, copy_weights, forced_routing,
+                                                    run_layer)
 
     enable()
     out = []
@@ -134,9 +135,9 @@ def test_traffic_counters_add_up(verify_reports):
 
 
 def _replace(rank, world, path):
-    from folding.run.corpus import ByteCorpus, micro_batches
-    from folding.recipe import load_recipe
     from folding.megatron.cpu_runtime import enable
+    from folding.recipe import load_recipe
+    from folding.run.corpus import ByteCorpus, micro_batches
     from folding.run.rank_trainer import RankTrainer
 
     enable()

@@ -20,8 +20,8 @@ import megatron_training_shim  # noqa: F401 - the spawned ranks build through me
 import numpy as np
 import pytest
 
-from folding.megatron import plugin as megatron_plugin
 from folding.errors import FoldingError, InvalidFolding
+from folding.megatron import plugin as megatron_plugin
 from folding.mesh import FoldingSpec
 from folding.placement.placement import Placement
 
@@ -345,9 +345,9 @@ def _build_stage(args, arch, recipe):
 def _plugin_on_megatron_groups(rank, world, placement_path):
     from megatron.core import parallel_state as ps
 
+    from folding.megatron.cpu_runtime import enable
     from folding.megatron.groups import destroy
     from folding.recipe import load_recipe
-    from folding.megatron.cpu_runtime import enable
 
     enable()
     out = {}

@@ -25,7 +25,7 @@ import pytest
 from folding.cost.memory import (WeightMemory, exact_weight_memory, grad_buffer_layout,
                                  rank_grad_buffers)
 from folding.layout.parameters import (ParameterModel, count_by_kind, expert_gradients_over_edp,
-                                     padded_vocab_size, rank_parameter_counts, rank_parameters)
+                                       padded_vocab_size, rank_parameter_counts, rank_parameters)
 from folding.mesh import FoldingSpec
 from folding.recipe import ModelArch, TrainingSetup
 

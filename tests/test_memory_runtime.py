@@ -21,10 +21,11 @@ import dataclasses
 import pytest
 import torch
 
-from folding.testing.memory_measure import (Case, activation_ratios, default_cases, expert_load,
-                                  predicted_activation_bytes, run_cases, saved_activation_bytes)
 from folding.cost.memory import ActivationOptions, exact_weight_memory, stage_memory
 from folding.layout.parameters import rank_parameter_counts
+from folding.testing.memory_measure import (Case, activation_ratios, default_cases, expert_load,
+                                            predicted_activation_bytes, run_cases,
+                                            saved_activation_bytes)
 
 ACTIVATION_TOLERANCE = 0.15
 

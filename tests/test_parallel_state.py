@@ -2,9 +2,9 @@
 
 import pytest
 
-from folding.run.launch import RankFailed
-from folding.mesh import FoldingSpec
 from folding.megatron.groups import check_on_gloo, compare_with_megatron
+from folding.mesh import FoldingSpec
+from folding.run.launch import RankFailed
 
 pytestmark = [pytest.mark.megatron, pytest.mark.multiprocess]
 

@@ -6,8 +6,8 @@ import pytest
 
 from folding.placement import node_program
 from folding.placement.node_program import node_split_program
-from folding.placement.search import LayerSearch
 from folding.placement.problem import DEFAULT_BALANCE_SLACK, build_items
+from folding.placement.search import LayerSearch
 from folding.placement.synth import SynthSpec, synthesize
 
 from placement_brute_force import E, EVERY, G, HOPS, L, P, chain_minimum, feasible_placements, noise_free_limits

@@ -15,7 +15,8 @@ from folding.placement.packing import balanced_packing, replica_counts
 from folding.placement.placement import Placement
 from folding.placement.search import LayerSearch, balance_bound, best_first, expected_excess
 from folding.placement.solver import solve
-from folding.placement.starts import DEFAULT_STARTS, ChainStart, NodeFirstStart, NodeSplitStart, PackingStart
+from folding.placement.starts import (DEFAULT_STARTS, ChainStart, NodeFirstStart, NodeSplitStart,
+                                      PackingStart)
 from folding.placement.synth import SynthSpec, synthesize
 from folding.placement.trace import RoutingTrace
 from folding.placement.training import align_ranks

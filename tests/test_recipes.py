@@ -13,10 +13,10 @@ import pytest
 
 from folding.cost.flops import training_flops
 from folding.cost.hardware import H100_SXM, H200_SXM
-from folding.megatron.flags import launch_environment, recipe_flags
 from folding.cost.memory import ActivationOptions, peak_memory
-from folding.layout.parameters import ParameterModel
 from folding.errors import FoldingError
+from folding.layout.parameters import ParameterModel
+from folding.megatron.flags import launch_environment, recipe_flags
 from folding.mesh import FoldingSpec
 from folding.recipe import list_recipes, load_recipe
 

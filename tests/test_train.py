@@ -10,10 +10,10 @@ import time
 import pytest
 import torch
 
-from folding.layout import checkpoint
 from folding.errors import FoldingError
-from folding.recipe import load_recipe
+from folding.layout import checkpoint
 from folding.layout.parameters import full_parameters
+from folding.recipe import load_recipe
 
 # One module fixture spawns every case; the limit is for a hang, not for a slow machine.
 pytestmark = [pytest.mark.megatron, pytest.mark.multiprocess, pytest.mark.slow, pytest.mark.timeout(1800)]

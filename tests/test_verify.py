@@ -7,11 +7,11 @@ import sys
 
 import pytest
 
-from folding.mesh import FoldingSpec
+from folding.layout.parameters import full_parameters
 from folding.megatron.model import MoERouting
+from folding.mesh import FoldingSpec
 from folding.recipe import load_recipe
 from folding.run.verify import VerifyCase, verify_many
-from folding.layout.parameters import full_parameters
 
 # One module fixture spawns every case; the limit is for a hang, not for a slow machine.
 pytestmark = [pytest.mark.megatron, pytest.mark.multiprocess, pytest.mark.slow, pytest.mark.timeout(1800)]

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from folding.errors import FoldingError
+from folding.layout.parameters import full_parameters
+from folding.layout.weights import (full_to_local_names, join_slices, local_to_full_name,
+                                    param_rule, shard, slice_for, unshard)
 from folding.mesh import FoldingSpec
 from folding.recipe import load_recipe
-from folding.layout.parameters import full_parameters
-from folding.layout.weights import (full_to_local_names, join_slices, local_to_full_name, param_rule,
-                                    shard, slice_for, unshard)
 
 ARCH = load_recipe("tiny-moe").model  # 4 layers, 8 experts, 8 heads, 4 query groups, SwiGLU
 

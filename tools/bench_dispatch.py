@@ -61,12 +61,13 @@ def _bytes_moved(dispatcher, own_rank: int, rank_node, row_bytes: int):
 def _rank_body(rank, world, cases, options):
     import torch.distributed as dist
 
-    from folding.testing.dispatcher_harness import build_layer, copy_weights, forced_routing, run_layer
-    from folding.mesh import FoldingSpec
-    from folding.megatron.model import MoERouting
-    from folding.megatron.groups import destroy, initialize
-    from folding.recipe import load_recipe
     from folding.megatron.cpu_runtime import enable
+    from folding.megatron.groups import destroy, initialize
+    from folding.megatron.model import MoERouting
+    from folding.mesh import FoldingSpec
+    from folding.recipe import load_recipe
+    from folding.testing.dispatcher_harness import (build_layer, copy_weights, forced_routing,
+                                                    run_layer)
 
     enable()
     recipe = load_recipe("tiny-moe")

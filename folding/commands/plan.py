@@ -8,9 +8,9 @@ import sys
 
 from folding.commands.common import add_json_argument, emit_json, format_table
 from folding.cost.hardware import PROFILES, get_profile
-from folding.megatron.flags import launch_environment, megatron_flags
 from folding.cost.planner import RECOMPUTE_OPTIONS, plan, same_degrees
 from folding.errors import FoldingError
+from folding.megatron.flags import launch_environment, megatron_flags
 from folding.recipe import load_recipe
 
 

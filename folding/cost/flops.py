@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Dict
 
-from folding.layout.parameters import ParameterModel, padded_vocab_size
 from folding.errors import FoldingError
+from folding.layout.parameters import ParameterModel, padded_vocab_size
 from folding.recipe import ModelArch
 
 CONVENTIONS: Dict[str, str] = {

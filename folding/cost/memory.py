@@ -32,10 +32,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from folding.layout.parameters import (ParamCounts, ParameterModel, ParamTensor,
-                                     expert_gradients_over_edp, padded_vocab_size,
-                                     rank_parameters)
 from folding.errors import FoldingError
+from folding.layout.parameters import (ParamCounts, ParameterModel, ParamTensor,
+                                       expert_gradients_over_edp, padded_vocab_size,
+                                       rank_parameters)
 from folding.mesh import FoldingSpec
 from folding.recipe import ModelArch, TrainingSetup
 

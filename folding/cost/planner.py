@@ -28,9 +28,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 from folding.cost import comm
 from folding.cost.hardware import HardwareProfile
 from folding.cost.memory import ActivationModel, ActivationOptions, RankMemory, peak_memory
-from folding.layout.parameters import ParameterModel
 from folding.cost.step_time import StepTime, StepTimeModel
 from folding.errors import FoldingError, InvalidFolding
+from folding.layout.parameters import ParameterModel
 from folding.mesh import DEFAULT_ORDER, FoldingSpec
 from folding.recipe import ModelArch, TrainingSetup
 

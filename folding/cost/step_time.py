@@ -35,8 +35,8 @@ from typing import Dict, Optional, Tuple
 from folding.cost import comm
 from folding.cost.flops import layer_flops, training_flops
 from folding.cost.hardware import HardwareProfile
-from folding.cost.memory import (DTYPE_BYTES, ActivationModel, num_microbatches,
-                                 sharding_degrees, state_bytes)
+from folding.cost.memory import (DTYPE_BYTES, ActivationModel, num_microbatches, sharding_degrees,
+                                 state_bytes)
 from folding.layout.parameters import ParameterModel, padded_vocab_size
 from folding.mesh import FoldingSpec
 from folding.recipe import ModelArch, TrainingSetup

@@ -18,8 +18,8 @@ from typing import Dict, Optional
 import torch
 
 from folding.errors import FoldingError
-from folding.recipe import ModelArch
 from folding.layout.parameters import full_parameters
+from folding.recipe import ModelArch
 
 FILES = ("model.pt", "optimizer.pt", "meta.json")
 

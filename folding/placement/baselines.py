@@ -18,9 +18,9 @@ from typing import Dict, List
 
 import numpy as np
 
+from folding.placement.inference import inference_search
 from folding.placement.packing import balanced_packing, layer_items, replica_counts
 from folding.placement.placement import Placement
-from folding.placement.inference import inference_search
 from folding.placement.problem import LayerItems, SolveResult, check_sizes
 from folding.placement.trace import RoutingTrace
 

@@ -47,8 +47,8 @@ from scipy.optimize import linear_sum_assignment
 from folding.errors import FoldingError
 from folding.placement.metrics import evaluate, objective_weights
 from folding.placement.placement import Placement
-from folding.placement.problem import (DEFAULT_BALANCE_SLACK, check_sizes, expert_balance_limits, hop_matrix,
-                                       ordered_partitions)
+from folding.placement.problem import (DEFAULT_BALANCE_SLACK, check_sizes, expert_balance_limits,
+                                       hop_matrix, ordered_partitions)
 from folding.placement.trace import RoutingTrace
 
 MAX_STATES = 4 ** 16

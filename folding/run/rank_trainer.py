@@ -17,12 +17,12 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from folding.errors import FoldingError
-from folding.mesh import FoldingSpec
-from folding.megatron.model import (MoERouting, build_model_chunks, build_optimizer, identity_placement,
-                           transformer_config, wrap_ddp)
-from folding.recipe import ModelArch, TrainingSetup
 from folding.layout.parameters import full_parameters
 from folding.layout.weights import ShardKey, named_parameters_of_chunks, shard, unshard
+from folding.megatron.model import (MoERouting, build_model_chunks, build_optimizer,
+                                    identity_placement, transformer_config, wrap_ddp)
+from folding.mesh import FoldingSpec
+from folding.recipe import ModelArch, TrainingSetup
 
 
 def _draw_order(shapes: Dict[str, Tuple[int, ...]]) -> List[Tuple[str, Tuple[int, ...]]]:

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 from folding.errors import FoldingError
-from folding.mesh import FoldingSpec
 from folding.megatron.model import MoERouting
+from folding.mesh import FoldingSpec
 from folding.recipe import Recipe, load_recipe
 
 
@@ -123,8 +123,8 @@ def _train_rank(rank: int, world: int, options: TrainOptions, recipe: Recipe) ->
     from tqdm import tqdm
 
     from folding.layout import checkpoint
-    from folding.run.corpus import ByteCorpus, micro_batches
     from folding.megatron.cpu_runtime import enable
+    from folding.run.corpus import ByteCorpus, micro_batches
     from folding.run.rank_trainer import RankTrainer
 
     enable()

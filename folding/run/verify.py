@@ -24,12 +24,12 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from folding.run.drop_decisions import DropCheck, DropDecisions
 from folding.errors import FoldingError
-from folding.mesh import FoldingSpec
-from folding.megatron.model import MoERouting
 from folding.megatron.groups import destroy
+from folding.megatron.model import MoERouting
+from folding.mesh import FoldingSpec
 from folding.recipe import Recipe, load_recipe
+from folding.run.drop_decisions import DropCheck, DropDecisions
 
 LOSS_TOLERANCE = 1e-5
 TENSOR_TOLERANCE = 1e-4
@@ -169,10 +169,10 @@ def _micro_batches_for(case: VerifyCase, spec: FoldingSpec, rank: int, step: int
 
 def _reference_rank(rank: int, world: int, cases: List[VerifyCase], paths: List[str]) -> int:
     """Single-process runs; each writes per-step loss, full grads and params to its path."""
-    from folding.run.corpus import ByteCorpus
-    from folding.megatron.cpu_runtime import enable
-    from folding.run.rank_trainer import RankTrainer
     from folding.layout.weights import unshard
+    from folding.megatron.cpu_runtime import enable
+    from folding.run.corpus import ByteCorpus
+    from folding.run.rank_trainer import RankTrainer
 
     enable()
     for case, out_path in zip(cases, paths):

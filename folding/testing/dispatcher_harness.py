@@ -13,8 +13,9 @@ import time
 from dataclasses import dataclass
 import torch
 
+from folding.megatron.model import (MoERouting, gpt_layer_spec, identity_placement,
+                                    transformer_config)
 from folding.mesh import FoldingSpec
-from folding.megatron.model import MoERouting, gpt_layer_spec, identity_placement, transformer_config
 from folding.recipe import ModelArch, TrainingSetup
 
 

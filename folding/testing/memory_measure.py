@@ -250,8 +250,8 @@ def measure_case(rank: int, case: Case) -> Dict[str, Any]:
 def measure_cases(rank: int, world_size: int, cases: List[Case]) -> List[Dict[str, Any]]:
     """Rank body for ``folding.run.launch.run_ranks``: every case in turn, process groups destroyed
     between them."""
-    from folding.megatron.groups import destroy
     from folding.megatron.cpu_runtime import enable
+    from folding.megatron.groups import destroy
 
     enable()
     out = []
