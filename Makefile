@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 # torch is installed first and pinned, so nothing later pulls another build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test test-mcore019 ci clean
+.PHONY: install demo test test-fast test-mcore019 ci clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ demo: install
 
 test: install
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+
+# The inner loop: every test that spawns no ranks and is not slow, plus the smoke runs (a wheel
+# that trains two steps from another folder, a 4-rank verify, a gloo collective).
+test-fast: install
+	$(VENV)/bin/python -m pytest -q -m "(not multiprocess and not slow) or smoke" $(PYTEST_ARGS)
 
 # megatron-core 0.19.x declares Python >= 3.12; on 3.11 it installs without its metadata checks,
 # with what it needs added by hand (its MoE package imports triton, which imports without a GPU).

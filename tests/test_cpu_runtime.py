@@ -46,6 +46,7 @@ def _uneven_gather(rank, world):
 
 
 @pytest.mark.multiprocess
+@pytest.mark.smoke
 def test_uneven_all_gather_on_gloo():
     """NCCL gathers tensors of different sizes and gloo refuses; the runtime makes gloo agree."""
     results = run_ranks(_uneven_gather, 3)

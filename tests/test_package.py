@@ -147,6 +147,7 @@ def _from_wheel(site: Path, cwd: Path, *args, timeout: float = 600):
 
 
 @pytest.mark.slow
+@pytest.mark.smoke
 def test_the_wheel_holds_the_recipes_and_runs_flags_from_another_folder(unpacked_wheel, tmp_path):
     where = _from_wheel(unpacked_wheel, tmp_path, "flags", "--recipe", "mixtral-8x22b", "--json")
     assert where.returncode == 0, where.stderr
@@ -162,6 +163,7 @@ def test_the_wheel_holds_the_recipes_and_runs_flags_from_another_folder(unpacked
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
+@pytest.mark.smoke
 def test_the_wheel_trains_two_steps_from_another_folder(unpacked_wheel, tmp_path):
     run = _from_wheel(unpacked_wheel, tmp_path, "train", "--steps", "2", "--json")
     assert run.returncode == 0, run.stderr[-2000:]

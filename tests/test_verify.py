@@ -89,6 +89,7 @@ def test_checker_fails_on_a_broken_run(reports, fault):
         assert report.max_grad_rel_diff > 1e-2
 
 
+@pytest.mark.smoke
 def test_cli_refuses_cp_on_cpu_and_reports_json(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "folding", "verify", "--tp", "2", "--cp", "2",
                            "--ep", "4", "--etp", "1"], capture_output=True, text=True)

@@ -3,7 +3,7 @@ MoE Parallel Folding setups land in the ranking.
 
 Prints a side-by-side table per part and ends with one JSON line. Targets: planning for 1,024
 GPUs under 10 s on 2 cores; the published folding among the planner's top 5 (or the planner's
-choice predicted faster, explained in README.md).
+choice predicted faster, explained in docs/bench-plan.md).
 
     python tools/bench_plan.py [--repeat N]
 """
