@@ -1,24 +1,35 @@
-"""``folding mfu`` on a Megatron log whose throughput figures Megatron computed.
+"""``folding mfu`` on Megatron logs whose throughput figures Megatron computed.
 
-tests/data/megatron_sample.log is a Megatron-format log of the mixtral-8x22b recipe on 128 GPUs;
+With a recipe: tests/data/megatron_sample.log is a Megatron-format log of the mixtral-8x22b recipe on 128 GPUs;
 the "throughput per GPU" figures on it were computed with megatron.training's
 num_floating_point_operations (megatron-core 0.19.2) on the arguments pretrain_gpt.py parses from
 ``folding flags --recipe mixtral-8x22b``, then printed with one decimal as Megatron does. The
 lines for iterations 90 and 100 carry figures 4/3 too high, as a Megatron build that counted the
 recomputed forward pass would print them. Our recomputation must agree with Megatron's figure to
 the printed rounding on every other line and flag those two.
+
+Without a recipe (the model read from the log's argument dump): see "model from the log" below;
+its megatron-marked tests run Megatron's own parser, _print_args and
+num_floating_point_operations, and skip on megatron-core 0.16.1.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import importlib.util
 import json
 import re
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
 
-from folding.cost.mfu_log import parse_mfu, read_log
-from folding.recipe import load_recipe
+from folding.cost.flops import training_flops
+from folding.cost.mfu_log import parse_mfu, read_log, run_from_log
+from folding.errors import FoldingError
+from folding.megatron.flags import recipe_flags
+from folding.recipe import list_recipes, load_recipe
 
 LOG = Path(__file__).parent / "data" / "megatron_sample.log"
 PEAK = 989.4
@@ -94,3 +105,320 @@ def test_cli_errors_are_one_line(tmp_path, cli):
     empty.write_text("nothing here\n")
     code, _, err = cli("mfu", str(empty), "--recipe", "mixtral-8x22b")
     assert code == 2 and "no Megatron iteration lines" in err
+
+
+# ----------------------------------------------------------------------------- model from the log
+#
+# tests/data/megatron_args_sample.log was written by tests/data/make_megatron_args_log.py with
+# megatron.training alone: Megatron's parse_args/validate_args on hand-written Mixtral-like flags
+# (the argument dump is validate_args' own _print_args), its vocabulary padding line, and
+# throughput figures from its num_floating_point_operations. Without --recipe the model comes
+# from that dump; the figures must match Megatron's everywhere.
+
+ARGS_LOG = Path(__file__).parent / "data" / "megatron_args_sample.log"
+GENERATOR = Path(__file__).parent / "data" / "make_megatron_args_log.py"
+
+
+def test_model_from_the_logs_argument_dump_matches_megatrons_figures():
+    report = parse_mfu(read_log(str(ARGS_LOG)), None, PEAK)
+    assert report.model_from == "log" and report.seq_length == 4096
+    assert (report.world_size, report.world_size_source) == (64, "log")
+    m = report.model
+    assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups, m.kv_channels,
+            m.ffn_hidden_size, m.moe_ffn_hidden_size, m.num_experts, m.moe_router_topk,
+            m.moe_layer_freq, m.swiglu, m.vocab_size, m.make_vocab_size_divisible_by,
+            m.norm_epsilon, m.rotary_base, m.multi_latent_attention, m.mtp_num_layers) == (
+        32, 4096, 32, 8, None, 14336, None, 8, 2, 1, True, 32000, 128, 1e-5, 1000000, False, None)
+    assert [i.global_batch_size for i in report.intervals] == [128, 128, 256, 256, 256, 256, 256]
+    for interval in report.intervals:
+        assert abs(interval.tflops_per_gpu - interval.megatron_tflops_per_gpu) <= 0.05
+        assert not interval.disagrees
+    logged = run_from_log(read_log(str(ARGS_LOG)))
+    assert (logged.tp, logged.global_batch_size, logged.world_size) == (4, 256, 64)
+
+
+def test_a_changed_dump_disagrees():
+    """The comparison can fail: the same log with top-k 3 in its dump."""
+    text = read_log(str(ARGS_LOG))
+    changed = re.sub(r"^(  moe_router_topk \.+ )2$", r"\g<1>3", text, flags=re.M)
+    assert changed != text
+    assert all(i.disagrees for i in parse_mfu(changed, None, PEAK).intervals)
+
+
+def test_recipe_overrides_the_logs_model(cli):
+    code, out, err = cli("mfu", str(ARGS_LOG), "--recipe", "qwen2-57b-a14b", "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert (data["recipe"], data["model_from"]) == ("qwen2-57b-a14b", "recipe")
+    assert data["model"]["num_experts"] == 64 and data["summary"]["disagreements"] == 7
+    code, out, err = cli("mfu", str(ARGS_LOG), "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert (data["recipe"], data["model_from"], data["world_size"]) == (None, "log", 64)
+    assert data["model"]["num_query_groups"] == 8 and data["summary"]["disagreements"] == 0
+    code, out, _ = cli("mfu", str(ARGS_LOG), "--gpu", "b200")
+    assert code == 0 and "model from the log's arguments (32 layers" in out and "peak 2250" in out
+
+
+def test_no_dump_and_no_recipe_is_a_one_line_error(cli):
+    code, _, err = cli("mfu", str(LOG))
+    assert code == 2 and err.count("\n") == 1
+    assert "no Megatron argument dump" in err and "--recipe" in err
+
+
+DUMP = """\
+[default0]:------------------------ arguments ------------------------
+[default0]:  a_very_long_argument_name_of_fifty_characters_xyz  None
+[default0]:  ffn_hidden_size ................................. 1408
+[default0]:  global_batch_size ............................... 8
+[default1]:some other rank's line
+[default0]:  hidden_size ..................................... 512
+[default0]:  layernorm_epsilon ............................... 1e-06
+[default0]:  moe_layer_freq .................................. [0, 1, 1, 1]
+[default0]:  moe_shared_expert_intermediate_size ............. 704
+[default0]:  normalization ................................... RMSNorm
+[default0]:  num_attention_heads ............................. 8
+[default0]:  num_experts ..................................... 16
+[default0]:  num_layers ...................................... 4
+[default0]:  num_query_groups ................................ 2
+[default0]:  group_query_attention ........................... True
+[default0]:  seq_length ...................................... 1024
+[default0]:  swiglu .......................................... True
+[default0]:  tensor_model_parallel_size ...................... 2
+[default0]:  vocab_size ...................................... 32000
+[default0]:  world_size ...................................... 16
+[default0]:-------------------- end of arguments ---------------------
+[default0]: [2025-03-01 10:00:00.000000] iteration       10/     100 | elapsed time per iteration (ms): 100.0 | global batch size:     8 |
+"""
+
+
+def test_dump_parsing_prefixes_types_and_absent_arguments():
+    from folding.cost.mfu_log import argument_dumps
+
+    (dump,) = argument_dumps(DUMP)
+    assert dump["a_very_long_argument_name_of_fifty_characters_xyz"] == "None"
+    assert "some" not in " ".join(dump)
+    run = run_from_log(DUMP)
+    m = run.model
+    assert (m.moe_layer_freq, m.norm_epsilon, m.num_query_groups, m.normalization,
+            m.moe_shared_expert_intermediate_size, m.kv_channels) == (
+        [0, 1, 1, 1], 1e-6, 2, "RMSNorm", 704, None)
+    # absent from this dump: "off" values, not ModelArch's defaults for features
+    assert (m.mtp_num_layers, m.multi_latent_attention, m.moe_ffn_hidden_size, m.add_bias_linear) == (
+        None, False, None, False)
+    assert (run.seq_length, run.global_batch_size, run.world_size, run.tp) == (1024, 8, 16, 2)
+    report = parse_mfu(DUMP, None, PEAK)
+    assert report.world_size_source == "log arguments"
+    assert report.intervals[0].tflops_per_gpu == pytest.approx(
+        training_flops(m, 1024, 8, 2) / (0.1 * 1e12 * 16))
+
+
+@pytest.mark.parametrize("change, message", [
+    (("  vocab_size ...................................... 32000",
+      "  vocab_size ...................................... None"), "no vocabulary size"),
+    (("[0, 1, 1, 1]", "[0, 1, 1]"), "moe_layer_freq lists 3 layers"),
+    (("  swiglu .......................................... True\n", ""), "has no swiglu"),
+    (("  num_layers ...................................... 4",
+      "  num_layers ...................................... four"),
+     "num_layers = 'four' is not an integer"),
+    (("  world_size",
+      "  hybrid_layer_pattern ............................ M*M*\n[default0]:  world_size"),
+     "hybrid_layer_pattern = M\\*M\\*, which folding's FLOPs model does not cover"),
+])
+def test_dump_errors_name_the_problem(change, message):
+    text = DUMP.replace(*change)
+    assert text != DUMP
+    with pytest.raises(FoldingError, match=message):
+        parse_mfu(text, None, PEAK)
+
+
+def test_padded_vocab_line_gives_the_tokenizers_size_and_restarts_must_agree():
+    padded = (DUMP.replace("32000", "None")
+              + " > padded vocab (size: 32001) with 255 dummy tokens (new size: 32256)\n")
+    assert run_from_log(padded).model.vocab_size == 32001
+    assert run_from_log(DUMP + DUMP) == run_from_log(DUMP)
+    with pytest.raises(FoldingError, match="2 argument dumps that describe different runs"):
+        run_from_log(DUMP + DUMP.replace("[0, 1, 1, 1]", "[1, 1, 1, 1]"))
+
+
+# ----------------------------------------------------------------------------- against Megatron
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("make_megatron_args_log", GENERATOR)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def megatron_log():
+    """tests/data/make_megatron_args_log.py and megatron.training's FLOPs count; skipped without
+    megatron.training (megatron-core 0.16.1)."""
+    training = pytest.importorskip(
+        "megatron.training.training",
+        reason="megatron.training is not installed (megatron-core 0.16.1's wheel has no "
+               "megatron/training; the megatron-core 0.19.2 job runs this)")
+    return _generator(), training.num_floating_point_operations
+
+
+# Sizes num_floating_point_operations multiplies: as Fractions it runs the same code exactly
+# (its causal "/ 2" makes a float otherwise), as in tests/test_flops_megatron.py.
+SIZE_ARGUMENTS = ("hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+                  "ffn_hidden_size", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
+                  "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim",
+                  "padded_vocab_size", "seq_length")
+
+
+def megatron_exact_flops(flops_fn, args, batch: int) -> Fraction:
+    exact = copy.copy(args)
+    for name in SIZE_ARGUMENTS:
+        if getattr(exact, name, None) is not None:
+            setattr(exact, name, Fraction(getattr(exact, name)))
+    return Fraction(flops_fn(exact, Fraction(batch)))
+
+
+def common(*flags):
+    return ["--micro-batch-size", "1", "--train-iters", "100", "--lr", "1e-4", "--bf16",
+            "--disable-bias-linear", "--normalization", "RMSNorm", "--position-embedding-type",
+            "rope", "--untie-embeddings-and-output-weights", "--log-throughput", *flags]
+
+
+# (flags, world size, tokenizer vocabulary or None for --vocab-size)
+MEGATRON_CASES = {
+    "mixtral-like (GQA, SwiGLU, top-2)": (None, None, None),  # the generator's own flags
+    "shared experts and a --moe-layer-freq pattern (Qwen2-MoE-like)": (common(
+        "--num-layers", "12", "--hidden-size", "2048", "--ffn-hidden-size", "5632",
+        "--num-attention-heads", "16", "--group-query-attention", "--num-query-groups", "4",
+        "--kv-channels", "192", "--swiglu", "--add-qkv-bias", "--num-experts", "60",
+        "--moe-router-topk", "4", "--moe-ffn-hidden-size", "1408",
+        "--moe-shared-expert-intermediate-size", "5632", "--moe-shared-expert-gate",
+        "--moe-layer-freq", "([0]*2+[1]*10)", "--seq-length", "2048",
+        "--max-position-embeddings", "32768", "--global-batch-size", "64",
+        "--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "4",
+        "--sequence-parallel", "--vocab-size", "151643"), 16, None),
+    "MLA, MTP and --moe-layer-freq 2 without SwiGLU (DeepSeek-like)": (common(
+        "--num-layers", "6", "--hidden-size", "1024", "--ffn-hidden-size", "2816",
+        "--num-attention-heads", "16", "--multi-latent-attention", "--q-lora-rank", "384",
+        "--kv-lora-rank", "256", "--qk-head-dim", "64", "--qk-pos-emb-head-dim", "32",
+        "--v-head-dim", "64", "--num-experts", "32", "--moe-router-topk", "6",
+        "--moe-ffn-hidden-size", "512", "--moe-shared-expert-intermediate-size", "1024",
+        "--moe-layer-freq", "2", "--mtp-num-layers", "1", "--seq-length", "1024",
+        "--max-position-embeddings", "1024", "--global-batch-size", "32",
+        "--tensor-model-parallel-size", "1", "--expert-model-parallel-size", "8"),
+        8, 129280),
+}
+
+
+@pytest.mark.megatron
+@pytest.mark.parametrize("case", MEGATRON_CASES)
+def test_flops_from_the_dump_alone_equal_megatrons(case, megatron_log):
+    generator, flops_fn = megatron_log
+    flags, world, vocab = MEGATRON_CASES[case]
+    if flags is None:
+        flags, world, vocab = (generator.MIXTRAL_LIKE, generator.MIXTRAL_LIKE_WORLD_SIZE,
+                               generator.MIXTRAL_LIKE_TOKENIZER_VOCAB)
+    args, startup = generator.megatron_run(flags, world, vocab)
+    logged = run_from_log(startup)
+    assert (logged.seq_length, logged.global_batch_size, logged.world_size, logged.tp) == (
+        args.seq_length, args.global_batch_size, args.world_size, args.tensor_model_parallel_size)
+    for batch in (1, args.global_batch_size):
+        ours = training_flops(logged.model, logged.seq_length, batch, logged.tp)
+        assert megatron_exact_flops(flops_fn, args, batch) == ours
+        assert flops_fn(copy.copy(args), batch) == pytest.approx(ours, rel=1e-12)
+    # The comparison can fail: one model fact changed in the dump.
+    wrong = run_from_log(re.sub(r"^(  moe_router_topk \.+ )(\d+)$",
+                                lambda m: m.group(1) + str(int(m.group(2)) + 1), startup, flags=re.M))
+    assert training_flops(wrong.model, logged.seq_length, 8, logged.tp) != megatron_exact_flops(
+        flops_fn, args, 8)
+
+
+@pytest.mark.megatron
+def test_num_experts_alone_does_not_change_megatrons_count(megatron_log):
+    """Megatron does not count the router: a dump with 16 experts instead of 8 gives the same
+    FLOPs in its convention and different ones in the router convention."""
+    generator, flops_fn = megatron_log
+    args, startup = generator.megatron_run(generator.MIXTRAL_LIKE, 64, 32000)
+    changed = run_from_log(re.sub(r"^(  num_experts \.+ )8$", r"\g<1>16", startup, flags=re.M))
+    logged = run_from_log(startup)
+    assert changed.model.num_experts == 16
+    assert training_flops(changed.model, 4096, 256, 4) == megatron_exact_flops(flops_fn, args, 256)
+    assert (training_flops(changed.model, 4096, 256, 4, "router")
+            != training_flops(logged.model, 4096, 256, 4, "router"))
+
+
+@pytest.mark.megatron
+@pytest.mark.parametrize("name", list_recipes())
+def test_recipe_flags_read_back_from_megatrons_dump(name, megatron_log):
+    """A recipe's pretrain_gpt flags through Megatron's parser and _print_args, read back: the
+    same ModelArch, run shape and FLOPs as the --recipe path."""
+    generator, flops_fn = megatron_log
+    recipe = load_recipe(name)
+    args, startup = generator.megatron_run(recipe_flags(recipe), recipe.folding.world_size)
+    logged = run_from_log(startup)
+    assert logged.model == recipe.model
+    t, f = recipe.training, recipe.folding
+    assert (logged.seq_length, logged.global_batch_size, logged.world_size, logged.tp) == (
+        t.seq_length, t.global_batch_size, f.world_size, f.tp)
+    lines = startup + " iteration       10/     100 | elapsed time per iteration (ms): 5000.0 |\n"
+    from_log = parse_mfu(lines, None, PEAK)
+    from_recipe = parse_mfu(lines, recipe, PEAK)
+    assert from_log.intervals == from_recipe.intervals and from_log.model_from == "log"
+    assert megatron_exact_flops(flops_fn, args, t.global_batch_size) == training_flops(
+        recipe.model, t.seq_length, t.global_batch_size, f.tp)
+
+
+@pytest.mark.megatron
+def test_every_modelarch_field_survives_megatrons_parser(megatron_log):
+    """Features no shipped recipe turns on, through the same round trip."""
+    generator, _ = megatron_log
+    recipe = load_recipe("tiny-moe")
+    model = dataclasses.replace(
+        recipe.model, kv_channels=32, moe_shared_expert_intermediate_size=256,
+        moe_shared_expert_gate=True, moe_layer_freq=[0, 1, 0, 1], moe_router_pre_softmax=True,
+        moe_router_topk_scaling_factor=1.5, add_bias_linear=True, add_qkv_bias=True,
+        qk_layernorm=True, untie_embeddings_and_output_weights=False, norm_epsilon=1e-6,
+        rotary_base=500000, max_position_embeddings=512, swiglu=False, vocab_size=1000,
+        make_vocab_size_divisible_by=64, attention_dropout=0.1, hidden_dropout=0.05,
+        moe_router_load_balancing_type="seq_aux_loss", moe_aux_loss_coeff=0.001,
+        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+        moe_router_num_groups=2, moe_router_group_topk=1, mtp_num_layers=1)
+    changed = dataclasses.replace(recipe, model=model)
+    _, startup = generator.megatron_run(recipe_flags(changed), recipe.folding.world_size)
+    assert run_from_log(startup).model == model
+
+
+@pytest.mark.megatron
+def test_the_committed_log_is_what_the_generator_makes(megatron_log):
+    generator, _ = megatron_log
+    fresh = generator.make_log()
+    committed = read_log(str(ARGS_LOG))
+    assert run_from_log(fresh) == run_from_log(committed)
+    assert parse_mfu(fresh, None, PEAK).intervals == parse_mfu(committed, None, PEAK).intervals
+
+
+# ----------------------------------------------------------------------------- hardware profiles
+
+
+def test_every_profile_names_a_source_for_every_datasheet_figure():
+    from folding.cost.hardware import PROFILES, get_profile
+
+    figures = ("peak_tflops", "peak_fp8_tflops", "memory_gb", "hbm_gbps", "nvlink_gbps",
+               "network_gbps")
+    assert {"a100-sxm-80gb", "h100-sxm", "h200-sxm", "b200", "gb200-nvl72"} <= set(PROFILES)
+    for profile in PROFILES.values():
+        assert set(figures) <= set(profile.sources), profile.name
+    h100 = get_profile("h100-sxm")
+    assert (h100.peak_tflops, h100.memory_gb, h100.hbm_gbps, h100.nvlink_gbps,
+            h100.network_gbps) == (989.4, 80.0, 3350.0, 450.0, 50.0)
+    assert get_profile("a100-sxm-80gb").peak_fp8_tflops is None
+    for name in ("h100-sxm", "h200-sxm", "b200", "gb200-nvl72"):
+        assert get_profile(name).peak_fp8_tflops == pytest.approx(2 * get_profile(name).peak_tflops,
+                                                                  rel=1e-3)
+
+
+def test_a_recipe_overrides_a_dump_folding_cannot_read():
+    hybrid = DUMP.replace("  world_size", "  hybrid_layer_pattern ............................ M*M*\n"
+                                          "[default0]:  world_size")
+    report = parse_mfu(hybrid, load_recipe("tiny-moe"), PEAK)
+    assert report.model_from == "recipe" and report.world_size_source == "recipe"
