@@ -171,3 +171,31 @@ def test_the_wheel_trains_two_steps_from_another_folder(unpacked_wheel, tmp_path
     assert summary["recipe"] == "tiny-moe" and summary["steps"] == 2 and summary["world_size"] == 8
     # the byte corpus shipped in the wheel was read: the first loss is near ln 256 = 5.55
     assert 5.0 < summary["first_loss"] < 6.0
+
+
+PURE_MODULES = ("folding.mesh", "folding.recipe", "folding.cost.planner", "folding.cost.mfu_log",
+                "folding.placement.solver", "folding.placement.milp",
+                "folding.placement.chain_bound", "folding.dispatcher.send_plan",
+                "folding.layout.parameters", "folding.layout.weights", "folding.megatron.mapping",
+                "folding.megatron.flags")
+
+
+def _loaded_after_importing(modules) -> set:
+    code = ("import importlib, json, sys\n"
+            f"for m in {list(modules)!r}: importlib.import_module(m)\n"
+            "print(json.dumps(sorted(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return set(json.loads(out.stdout))
+
+
+def test_the_pure_layers_import_no_megatron_and_nothing_that_runs_ranks():
+    """The pure core, cost models, placement solver, send planning, the parameter layout and
+    the Megatron name mapping work without Megatron installed: they never import it."""
+    loaded = _loaded_after_importing(PURE_MODULES)
+    assert not {m for m in loaded if m == "megatron" or m.startswith("megatron.")}
+    assert not {m for m in loaded if m.startswith(("folding.run", "folding.testing",
+                                                   "folding.megatron.groups",
+                                                   "folding.megatron.model"))}
+    # the check sees Megatron where a module does import it
+    assert "megatron.core" in _loaded_after_importing(["folding.dispatcher.moe_layer"])
