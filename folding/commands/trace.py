@@ -1,4 +1,4 @@
-"""``folding trace``: synthetic routing traces, and a summary of any trace file."""
+"""``folding trace``: synthetic routing traces, Megatron router-trace import, and a summary of any trace file."""
 
 from __future__ import annotations
 
@@ -36,6 +36,22 @@ def register(sub) -> None:
     synth.add_argument("--out", required=True, metavar="FILE", help="trace to write (.npz)")
     add_json_argument(synth)
     synth.set_defaults(handler=run_synth)
+
+    imp = actions.add_parser("import", help="convert Megatron-Core's router-trace JSONL to a trace",
+                             description="Read the router_trace_rank{R}.jsonl files that Megatron-Core "
+                                         "0.19 writes with --moe-routing-trace-path, align each token "
+                                         "across all MoE layers (by step, micro-batch and position) "
+                                         "and write a .npz trace; tokens that cannot be aligned are "
+                                         "dropped and counted.")
+    imp.add_argument("files", nargs="+", metavar="FILE",
+                     help="router-trace JSONL file(s); several files must hold the same layers "
+                          "(ranks of one pipeline stage), their tokens are concatenated")
+    imp.add_argument("--experts", type=int, default=None,
+                     help="experts per MoE layer (default: the records' logit_shape, else the "
+                          "largest expert id + 1)")
+    imp.add_argument("--out", required=True, metavar="FILE", help="trace to write (.npz)")
+    add_json_argument(imp)
+    imp.set_defaults(handler=run_import)
 
     info = actions.add_parser("info", help="check a trace and summarise it")
     info.add_argument("file", help="trace (.npz)")
@@ -77,6 +93,32 @@ def run_synth(args: argparse.Namespace) -> int:
         emit_json({"out": args.out, **summary})
     else:
         print_summary(args.out, summary)
+    return 0
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from folding.placement.megatron_trace import import_megatron_trace
+
+    trace, report = import_megatron_trace(args.files, num_experts=args.experts)
+    try:
+        trace.save(args.out)
+    except OSError as e:
+        raise FoldingError(f"cannot write {args.out}: {e.strerror or e}") from None
+    summary = trace_summary(trace)
+    facts = report.as_dict()
+    if args.json:
+        emit_json({"out": args.out, **summary, **facts})
+    else:
+        print_summary(args.out, summary)
+        print(f"read {facts['records']} records from {len(facts['files'])} file(s): "
+              f"{facts['groups']} aligned micro-batch groups over {facts['steps']} step(s), "
+              f"Megatron layers {facts['layer_ids']}")
+        print(f"dropped {facts['dropped_records']} records ({facts['dropped_tokens']} tokens) "
+              f"that could not be aligned across all layers; skipped "
+              f"{facts['skipped_mtp_records']} MTP records")
+        if facts["experts_inferred"]:
+            print(f"experts per layer inferred as {trace.num_experts} (largest id + 1); "
+                  f"pass --experts to set it")
     return 0
 
 
