@@ -77,6 +77,15 @@ def print_summary(path: str, summary: dict) -> None:
     print(format_table(["field", "value"], rows))
 
 
+def write_trace(trace, path: str) -> dict:
+    """Save ``trace`` to ``path`` (an unwritable path is a FoldingError) and return its summary."""
+    try:
+        trace.save(path)
+    except OSError as e:
+        raise FoldingError(f"cannot write {path}: {e.strerror or e}") from None
+    return trace_summary(trace)
+
+
 def run_synth(args: argparse.Namespace) -> int:
     from folding.placement.synth import SynthSpec, synthesize
 
@@ -84,11 +93,7 @@ def run_synth(args: argparse.Namespace) -> int:
                      coactivation=args.coactivation, group_size=args.group_size, affinity=args.affinity,
                      drift=args.drift, seed=args.seed, token_seed=args.token_seed, drift_seed=args.drift_seed)
     trace = synthesize(spec, progress=sys.stderr.isatty())
-    try:
-        trace.save(args.out)
-    except OSError as e:
-        raise FoldingError(f"cannot write {args.out}: {e.strerror or e}") from None
-    summary = trace_summary(trace)
+    summary = write_trace(trace, args.out)
     if args.json:
         emit_json({"out": args.out, **summary})
     else:
@@ -100,11 +105,7 @@ def run_import(args: argparse.Namespace) -> int:
     from folding.placement.megatron_trace import import_megatron_trace
 
     trace, report = import_megatron_trace(args.files, num_experts=args.experts)
-    try:
-        trace.save(args.out)
-    except OSError as e:
-        raise FoldingError(f"cannot write {args.out}: {e.strerror or e}") from None
-    summary = trace_summary(trace)
+    summary = write_trace(trace, args.out)
     facts = report.as_dict()
     if args.json:
         emit_json({"out": args.out, **summary, **facts})

@@ -90,11 +90,6 @@ def param_rule(full_name: str, swiglu: bool) -> ParamRule:
 
 
 # ------------------------------------------------------------------------------- name mapping
-def chunk_layers(arch: ModelArch, spec: FoldingSpec, pp_rank: int, vp_stage: int) -> List[int]:
-    """Global layer indices of one pipeline chunk (Megatron's interleaved assignment)."""
-    return stage_layer_indices(arch, spec.pp, spec.vpp, pp_rank, vp_stage)
-
-
 def slot_experts(arch: ModelArch, global_layer: int, placement=None) -> List[int]:
     """The logical expert of every slot of a MoE layer: the placement's row for it, or
     Megatron's contiguous layout (slot s holds expert s) without a placement."""
@@ -124,7 +119,8 @@ def local_to_full_name(local: str, arch: ModelArch, spec: FoldingSpec, rank: int
     layer = _LAYER.match(local)
     if not layer:
         return local
-    global_layer = chunk_layers(arch, spec, coords["attention"]["pp"], vp_stage)[int(layer.group(1))]
+    chunk = stage_layer_indices(arch, spec.pp, spec.vpp, coords["attention"]["pp"], vp_stage)
+    global_layer = chunk[int(layer.group(1))]
     rest = layer.group(2)
     expert = _expert_index(rest)
     if expert is not None:

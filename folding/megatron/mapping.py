@@ -75,17 +75,16 @@ def degree_flags(spec: FoldingSpec, num_layers: int, moe: bool) -> List[str]:
 
     The virtual pipeline is given as layers per virtual stage, which is what the flag takes.
     """
-    degrees = megatron_degrees(spec)
-    f: List[str] = []
-    for field in ("tp", "pp", "cp"):
-        name = dict(MEGATRON_DEGREES)[field]
-        f += [flag(name), str(degrees[name])]
+    names = dict(MEGATRON_DEGREES)
+
+    def degree(field: str) -> List[str]:
+        return [flag(names[field]), str(getattr(spec, field))]
+
+    f = degree("tp") + degree("pp") + degree("cp")
     if spec.vpp:
         f += ["--num-layers-per-virtual-pipeline-stage", str(num_layers // (spec.pp * spec.vpp))]
     if moe:
-        for field in ("ep", "etp"):
-            name = dict(MEGATRON_DEGREES)[field]
-            f += [flag(name), str(degrees[name])]
+        f += degree("ep") + degree("etp")
     if spec.sequence_parallel:
         f.append("--sequence-parallel")
     return f + order_flags(spec.order)
