@@ -13,7 +13,7 @@ from typing import List, Optional
 
 from folding.errors import FoldingError
 
-COMMANDS = ("mesh", "verify", "plan", "mfu", "flags", "train", "place", "trace")
+COMMANDS = ("mesh", "verify", "plan", "mfu", "flags", "train", "place", "trace", "megatron")
 
 
 class OneLineParser(argparse.ArgumentParser):

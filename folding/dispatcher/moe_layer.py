@@ -113,6 +113,12 @@ def is_moe_layer_spec(layer_spec) -> bool:
     return built is not None and issubclass(built, MoELayer)
 
 
+def is_folded_layer_spec(layer_spec) -> bool:
+    """True when a GPT layer spec's MLP is already ``FoldedMoELayer``."""
+    built = _built_class(getattr(getattr(layer_spec, "submodules", None), "mlp", None))
+    return built is not None and issubclass(built, FoldedMoELayer)
+
+
 def experts_class(layer_spec) -> Optional[type]:
     """The experts class a MoE layer spec builds (SequentialMLP, GroupedMLP, TEGroupedMLP)."""
     mlp = layer_spec.submodules.mlp

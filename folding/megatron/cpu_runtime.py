@@ -12,7 +12,9 @@ as long as it is active and undoes everything on exit:
 * ``torch.cuda`` streams, events and synchronisation become no-ops, ``current_device()`` answers
   the CPU device, and the CUDA RNG is the CPU default generator, which is what CPU kernels draw
   from;
-* a handful of Megatron functions get CPU-correct replacements, listed in ``_megatron_patches``.
+* a handful of Megatron functions get CPU-correct replacements, listed in ``_megatron_patches``;
+* with ``training=True``, Megatron's training package (``megatron.training``: its start-up, its
+  memory reports, its dataset helpers) gets the stand-ins of ``cpu_training_patches`` too.
 
 Nothing here changes a floating-point operation: the same kernels run, on the CPU. Where CUDA is
 available the switch does nothing.
@@ -150,8 +152,9 @@ def cuda_present() -> bool:
     return torch.cuda.is_available()
 
 
-def enable() -> bool:
-    """Switch the CPU runtime on for the rest of the process (until ``disable``).
+def enable(training: bool = False) -> bool:
+    """Switch the CPU runtime on for the rest of the process (until ``disable``); with
+    ``training``, for Megatron's training loop (``megatron.training``) too.
 
     Returns False, and does nothing, when CUDA is present or the runtime is already on.
     """
@@ -161,6 +164,10 @@ def enable() -> bool:
     patcher = _Patcher()
     try:
         _cuda_shims(patcher)
+        if training:
+            from folding.megatron import cpu_training_patches
+
+            cpu_training_patches.apply(patcher)
         _megatron_patches(patcher)
     except BaseException:
         patcher.restore()
@@ -186,9 +193,10 @@ def is_enabled() -> bool:
 
 
 @contextlib.contextmanager
-def cpu_runtime() -> Iterator[bool]:
-    """``with cpu_runtime():`` Megatron runs on CPU inside the block; yields whether it is on."""
-    started = enable()
+def cpu_runtime(training: bool = False) -> Iterator[bool]:
+    """``with cpu_runtime():`` Megatron runs on CPU inside the block; yields whether it is on.
+    ``training=True`` covers Megatron's training loop as well."""
+    started = enable(training)
     try:
         yield is_enabled()
     finally:

@@ -100,8 +100,9 @@ def _model_of(args):
                      moe_layer_freq=args.moe_layer_freq)
 
 
-def _folded_layer_arguments(args):
-    """Refuse what the folded dispatcher cannot do; return what ``_fold`` needs."""
+def folded_layer_arguments(args):
+    """Refuse what the folded dispatcher cannot do (FoldingError); return what ``fold`` needs
+    after the spec: the placement, the MoE ordinal of each layer, ranks per node, layers."""
     from folding.megatron.model import check_placement, identity_placement
     from folding.placement.placement import Placement
 
@@ -128,13 +129,21 @@ def _folded_layer_arguments(args):
     return placement, arch.moe_ordinals(), spec.gpus_per_node, arch.num_layers
 
 
-def _fold(layer_or_block_spec, placement, ordinals, gpus_per_node, num_layers):
-    from folding.dispatcher.moe_layer import folded_layer_spec, is_moe_layer_spec
+def fold(layer_or_block_spec, placement, ordinals, gpus_per_node, num_layers):
+    """``layer_or_block_spec`` with its MoE layers folded (``folded_layer_arguments`` gives the
+    rest). Folding a folded spec changes nothing, so a patched script run by ``folding
+    megatron`` is folded once."""
+    from folding.dispatcher.moe_layer import folded_layer_spec, is_folded_layer_spec, is_moe_layer_spec
+
+    def to_fold(layer_spec):
+        return is_moe_layer_spec(layer_spec) and not is_folded_layer_spec(layer_spec)
 
     if hasattr(layer_or_block_spec, "layer_specs"):  # TransformerBlockSubmodules: this stage
-        layers = [folded_layer_spec(s, placement, ordinals, gpus_per_node) if is_moe_layer_spec(s)
+        layers = [folded_layer_spec(s, placement, ordinals, gpus_per_node) if to_fold(s)
                   else s for s in layer_or_block_spec.layer_specs]
         return dataclasses.replace(layer_or_block_spec, layer_specs=layers)
+    if is_folded_layer_spec(layer_or_block_spec):
+        return layer_or_block_spec
     if not is_moe_layer_spec(layer_or_block_spec):
         raise FoldingError(f"--folding-dispatcher: the decoder spec has no MoE layer to fold "
                            f"({type(layer_or_block_spec).__name__})")
@@ -152,7 +161,7 @@ def folded_decoder_spec(layer_or_block_spec, args):
     Experts follow ``--folding-placement`` (Megatron's contiguous layout without it). Raises
     FoldingError, one line naming the problem, for what the folded dispatcher cannot do.
     """
-    return _fold(layer_or_block_spec, *_folded_layer_arguments(args))
+    return fold(layer_or_block_spec, *folded_layer_arguments(args))
 
 
 def layer_spec_provider(args, base=None) -> Callable:
@@ -161,7 +170,7 @@ def layer_spec_provider(args, base=None) -> Callable:
 
     ``args`` is checked at once, so refusals come before any rank starts.
     """
-    folding_arguments = _folded_layer_arguments(args)
+    folding_arguments = folded_layer_arguments(args)
 
     def provide(model_config, vp_stage=None):
         spec = base
@@ -169,6 +178,6 @@ def layer_spec_provider(args, base=None) -> Callable:
             from megatron.training.models.gpt import default_layer_spec
 
             spec = default_layer_spec(model_config, vp_stage)
-        return _fold(spec, *folding_arguments)
+        return fold(spec, *folding_arguments)
 
     return provide

@@ -1,0 +1,68 @@
+"""Run Megatron's own training loop through ``folding megatron`` from a test (a helper, not a test).
+
+``train(ranks, *flags)`` runs the project's training script (``tests/scripts/pretrain_gpt_minimal.py``,
+built on ``megatron.training.pretrain``) on CPU ranks and returns the launcher's JSON: exit
+status, failed rank, and Megatron's metrics per iteration. ``MODEL`` and ``TRAINING`` are a small
+MoE GPT and its schedule (mock data, no dropout, so two runs of one model agree to the last digit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import pytest
+
+SCRIPT = Path(__file__).parent / "scripts" / "pretrain_gpt_minimal.py"
+
+MODEL = ("--num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 64 "
+         "--max-position-embeddings 64 --position-embedding-type rope --normalization RMSNorm "
+         "--swiglu --untie-embeddings-and-output-weights --disable-bias-linear "
+         "--ffn-hidden-size 128 --num-experts 4 --moe-router-topk 2 "
+         "--moe-token-dispatcher-type alltoall --moe-router-load-balancing-type aux_loss "
+         "--moe-aux-loss-coeff 0.01 --attention-dropout 0 --hidden-dropout 0").split()
+TRAINING = ("--micro-batch-size 2 --global-batch-size 8 --lr 1e-3 --min-lr 1e-4 "
+            "--lr-decay-style cosine --lr-warmup-iters 2 --weight-decay 0.01 --clip-grad 1.0 "
+            "--seed 1234 --log-interval 1 --eval-iters 0 --eval-interval 1000 --mock-data "
+            "--tokenizer-type NullTokenizer --vocab-size 256").split()
+
+
+def needs_megatron_training():
+    """Skip without ``megatron.training`` (megatron-core 0.16.1's wheel has none)."""
+    pytest.importorskip("megatron.training.training",
+                        reason="megatron.training is not installed (the megatron-core 0.19.2 "
+                               "job runs Megatron's training loop)")
+
+
+def launch(ranks: int, flags: List[str], env: Optional[Dict[str, str]] = None,
+           timeout_s: float = 600, script: Path = SCRIPT) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "folding.cli", "megatron", "--cpu", "--nproc", str(ranks),
+               "--json", "--timeout", str(timeout_s), "--", str(script)] + list(flags)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout_s + 60,
+                          env=dict(os.environ, **(env or {})))
+
+
+def train(ranks: int, *flags: str, iterations: int = 20, env=None) -> Dict:
+    """Train ``iterations`` iterations; the launcher's JSON (fails the test if no JSON came)."""
+    done = launch(ranks, MODEL + TRAINING + ["--train-iters", str(iterations)] + list(flags), env)
+    lines = [l for l in done.stdout.splitlines() if l.startswith("{")]
+    assert lines, f"no JSON from folding megatron (exit {done.returncode}): {done.stderr[-3000:]}"
+    result = json.loads(lines[-1])
+    result["stderr"] = done.stderr
+    return result
+
+
+def losses(result: Dict, name: str = "lm loss") -> Dict[int, float]:
+    """One loss per iteration; a resumed run's repeated iteration counts as printed last."""
+    assert result["exit_status"] == 0, f"training failed: {result['reason']}\n{result['stderr'][-3000:]}"
+    return {line["iteration"]: line[name] for line in result["iterations"]}
+
+
+def largest_relative_difference(a: Dict[int, float], b: Dict[int, float], iterations) -> float:
+    missing = [i for i in iterations if i not in a or i not in b]
+    assert not missing, f"iterations {missing} missing from a run"
+    return max(abs(a[i] - b[i]) / max(abs(a[i]), abs(b[i])) for i in iterations)
