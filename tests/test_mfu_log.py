@@ -11,6 +11,9 @@ the printed rounding on every other line and flag those two.
 Without a recipe (the model read from the log's argument dump): see "model from the log" below;
 its megatron-marked tests run Megatron's own parser, _print_args and
 num_floating_point_operations, and skip on megatron-core 0.16.1.
+
+Iteration lines (``iteration_metrics``): lines built with training_log's own format strings,
+every field read back as the float Megatron printed.
 """
 
 from __future__ import annotations
@@ -19,14 +22,16 @@ import copy
 import dataclasses
 import importlib.util
 import json
+import math
 import re
+from datetime import datetime
 from fractions import Fraction
 from pathlib import Path
 
 import pytest
 
 from folding.cost.flops import training_flops
-from folding.cost.mfu_log import parse_mfu, read_log, run_from_log
+from folding.cost.mfu_log import ELAPSED_MS, iteration_metrics, parse_mfu, read_log, run_from_log
 from folding.errors import FoldingError
 from folding.megatron.flags import recipe_flags
 from folding.recipe import list_recipes, load_recipe
@@ -422,3 +427,108 @@ def test_a_recipe_overrides_a_dump_folding_cannot_read():
                                           "[default0]:  world_size")
     report = parse_mfu(hybrid, load_recipe("tiny-moe"), PEAK)
     assert report.model_from == "recipe" and report.world_size_source == "recipe"
+
+
+# ----------------------------------------------------------------------------- iteration lines
+#
+# iteration_metrics reads every field of training_log's line. The lines below are built with
+# training_log's own format strings (megatron/training/training.py, megatron-core 0.19.2), field
+# by field and in its order; the MoE tracker's console metrics use MoEMetricsTracker._format's
+# "{:.2f}" (its losses join total_loss_dict and print as "{:.6E}").
+
+
+def megatron_iteration_line(iteration, train_iters, *, consumed, elapsed_s, lr, batch, losses,
+                            throughput=None, moe_console=None, loss_scale=1.0, grad_norm=None,
+                            num_zeros=None, params_norm=None, skipped=0, nans=0):
+    log_string = f" [{datetime(2026, 12, 6, 5, 0, 0, 123456).strftime('%Y-%m-%d %H:%M:%S.%f')}]"
+    log_string += ' iteration {:8d}/{:8d} |'.format(iteration, train_iters)
+    log_string += ' consumed samples: {:12d} |'.format(consumed)
+    log_string += ' elapsed time per iteration (ms): {:.1f} |'.format(elapsed_s * 1000.0)
+    if throughput is not None:
+        log_string += f' throughput per GPU (TFLOP/s/GPU): {throughput:.1f} |'
+    log_string += f' learning rate: {lr:.6E} |'
+    log_string += f' global batch size: {batch:5d} |'
+    for key, avg in losses.items():
+        if avg >= 0.0:
+            log_string += ' {}: {:.6E} |'.format(key, avg)
+    log_string += "".join(f" {k}: {v:.2f} |" for k, v in (moe_console or {}).items())
+    log_string += f' loss scale: {loss_scale:.1f} |'
+    if grad_norm is not None:
+        log_string += f' grad norm: {grad_norm:.3f} |'
+    if num_zeros is not None:
+        log_string += f' num zeros: {num_zeros} |'
+    if params_norm is not None:
+        log_string += f' params norm: {params_norm:.3f} |'
+    log_string += ' number of skipped iterations: {:3d} |'.format(skipped)
+    log_string += ' number of nan iterations: {:3d} |'.format(nans)
+    return log_string
+
+
+def printed(value, spec):
+    return float(format(value, spec))
+
+
+def test_iteration_metrics_reads_every_field_of_megatrons_line():
+    losses = {"lm loss": 5.5821134, "load_balancing_loss": 1.0123456, "z_loss": 3.2e-05,
+              "mtp_1 loss": 6.25}
+    line = megatron_iteration_line(
+        3, 20, consumed=24, elapsed_s=0.41234, throughput=12.34, lr=1e-4, batch=8,
+        losses=losses, moe_console={"load_balancing_loss_p50": 1.004}, loss_scale=65536.0,
+        grad_norm=3.2104, num_zeros=17, params_norm=271.8281)
+    text = "\n".join([
+        "[default0]:  train_iters ..................................... 20",
+        "[default7]:" + line,
+        "[default7]: [Rank 7] (after 3 iterations) memory (MB) | allocated: 1024.5 | reserved: 2048.0",
+        "[default0]:saving checkpoint at iteration      20 to /ckpt in torch_dist format",
+        "[default7]: validation loss at iteration 20 | lm loss value: 5.400000E+00 | lm loss PPL: "
+        "2.214064E+02 |",
+    ])
+    (it,) = iteration_metrics(text)
+    assert (it.iteration, it.train_iters) == (3, 20)
+    assert list(it.metrics) == [
+        "consumed samples", ELAPSED_MS, "throughput per GPU (TFLOP/s/GPU)", "learning rate",
+        "global batch size", "lm loss", "load_balancing_loss", "z_loss", "mtp_1 loss",
+        "load_balancing_loss_p50", "loss scale", "grad norm", "num zeros", "params norm",
+        "number of skipped iterations", "number of nan iterations"]
+    assert it.metrics == {
+        "consumed samples": 24.0, ELAPSED_MS: 412.3, "throughput per GPU (TFLOP/s/GPU)": 12.3,
+        "learning rate": 1e-4, "global batch size": 8.0,
+        **{k: printed(v, ".6E") for k, v in losses.items()},
+        "load_balancing_loss_p50": 1.0, "loss scale": 65536.0, "grad norm": 3.21,
+        "num zeros": 17.0, "params norm": 271.828, "number of skipped iterations": 0.0,
+        "number of nan iterations": 0.0}
+    assert it.losses() == {k: printed(v, ".6E") for k, v in losses.items()}
+
+
+def test_unprinted_and_non_finite_values():
+    """Megatron prints an averaged loss only when it is >= 0 (a NaN average fails that test and
+    is left out); an inf loss prints as INF and a NaN grad norm as nan."""
+    line = megatron_iteration_line(
+        7, 20, consumed=56, elapsed_s=0.5, lr=2.5e-5, batch=8,
+        losses={"lm loss": math.inf, "load_balancing_loss": math.nan}, grad_norm=math.nan,
+        skipped=1, nans=1)
+    assert "lm loss: INF |" in line and "load_balancing_loss" not in line
+    (it,) = iteration_metrics(line + " odd field: n/a |")
+    assert it.losses() == {"lm loss": math.inf}
+    assert math.isnan(it.metrics["grad norm"]) and "odd field" not in it.metrics
+    assert it.metrics["number of nan iterations"] == 1.0
+
+
+def test_every_line_in_order_and_a_resumed_iteration_twice():
+    lines = [megatron_iteration_line(i, 4, consumed=8 * i, elapsed_s=0.1 * i, lr=1e-4, batch=8,
+                                     losses={"lm loss": 6.0 - i}) for i in (1, 2, 3, 2, 3, 4)]
+    found = iteration_metrics("\n".join(lines))
+    assert [i.iteration for i in found] == [1, 2, 3, 2, 3, 4]
+    assert [i.losses()["lm loss"] for i in found] == [5.0, 4.0, 3.0, 4.0, 3.0, 2.0]
+    assert iteration_metrics("no iteration lines\n  iteration 3 of 20\n") == []
+
+
+def test_parse_mfu_reads_the_same_lines():
+    """parse_mfu's elapsed time, batch and Megatron's throughput are iteration_metrics' fields."""
+    text = read_log(str(LOG))
+    report = parse_mfu(text, load_recipe("mixtral-8x22b"), PEAK)
+    lines = iteration_metrics(text)
+    assert [(i.iteration, i.elapsed_ms, i.global_batch_size, i.megatron_tflops_per_gpu)
+            for i in report.intervals] == [
+        (m.iteration, m.metrics[ELAPSED_MS], m.metrics["global batch size"],
+         m.metrics["throughput per GPU (TFLOP/s/GPU)"]) for m in lines]

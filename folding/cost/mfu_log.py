@@ -21,6 +21,14 @@ Megatron's arguments, so each field is read from the argument of the same name
 size, world size and TP come from the same dump. With a tokenizer and no --vocab-size the dump's
 vocab_size is None; the tokenizer's size is then read from Megatron's later
 ``> padded vocab (size: N) ...`` line.
+
+``iteration_metrics`` is the one reader of Megatron's iteration line (``training_log``)::
+
+     [2026-12-06 05:00:00.000000] iteration        3/      20 | consumed samples: 24 | ...
+     elapsed time per iteration (ms): 412.3 | ... | lm loss: 5.582113E+00 | ...
+
+every ``name: value`` field between the ``|`` separators, as floats; ``parse_mfu`` and
+tools/compare_runs.py both read the lines through it.
 """
 
 from __future__ import annotations
@@ -38,10 +46,16 @@ from folding.cost.flops import CONVENTIONS, training_flops
 from folding.errors import FoldingError
 from folding.recipe import ModelArch, Recipe
 
-ITERATION = re.compile(r"iteration\s+(\d+)\s*/\s*(\d+)")
-ELAPSED = re.compile(r"elapsed time per iteration \(ms\):\s*([0-9.]+)")
-THROUGHPUT = re.compile(r"throughput per GPU \(TFLOP/s/GPU\):\s*([0-9.]+)")
-GLOBAL_BATCH = re.compile(r"global batch size:\s*(\d+)")
+# training_log's line: "iteration {:8d}/{:8d} |", then " name: value |" fields. Requiring the "|"
+# after the counter keeps out other lines that mention iterations (checkpoint saves, validation).
+ITERATION = re.compile(r"\biteration\s+(\d+)\s*/\s*(\d+)\s*\|")
+# One field: the value is its last token, the name everything before the colon ahead of it
+# (names hold no colon; the timestamp's colons come before the counter, outside every field).
+FIELD = re.compile(r"^\s*(?P<name>[^|]*?)\s*:\s*(?P<value>\S+)\s*$")
+# Names of the fields parse_mfu reads, exactly as training_log prints them.
+ELAPSED_MS = "elapsed time per iteration (ms)"
+THROUGHPUT = "throughput per GPU (TFLOP/s/GPU)"
+GLOBAL_BATCH = "global batch size"
 WORLD_SIZE = re.compile(r"using world size:\s*(\d+)")
 # _print_args: a title line, "  name <dots> value" per argument (no dots for names of 48
 # characters or more), an end line. Launchers may prefix every line ("[default0]:", "0: ").
@@ -283,6 +297,53 @@ def run_from_log(text: str) -> Optional[LoggedRun]:
     return runs[0]
 
 
+# ----------------------------------------------------------------------------- iteration lines
+
+
+@dataclass(frozen=True)
+class IterationMetrics:
+    """One iteration line of Megatron's training loop."""
+
+    iteration: int
+    train_iters: int
+    metrics: Dict[str, float]
+    """Every ``name: value`` field in printed order, under the name as printed ("lm loss",
+    "load_balancing_loss", "elapsed time per iteration (ms)", "grad norm", ...). Counts
+    (consumed samples, global batch size) are floats too."""
+
+    def losses(self) -> Dict[str, float]:
+        """The fields whose name ends in "loss": lm loss, the MoE auxiliary losses, MTP and
+        indexer losses (the rule Megatron's MoE tracker uses to put a metric among the losses);
+        "loss scale" is not one."""
+        return {k: v for k, v in self.metrics.items() if k.lower().endswith("loss")}
+
+
+def iteration_metrics(text: str) -> List[IterationMetrics]:
+    """Every iteration line of a Megatron log, in the log's order, with all its fields as floats.
+
+    A launcher's prefix before the line ("[default7]:", "0: ") is ignored. A field whose value is
+    not a number is left out; so are losses Megatron did not print (it prints an averaged loss
+    only when it is >= 0, so a NaN loss is absent, not NaN). An iteration printed twice (a run
+    resumed into the same log) appears twice: the caller decides which counts.
+    """
+    lines = []
+    for line in text.splitlines():
+        counter = ITERATION.search(line)
+        if not counter:
+            continue
+        metrics: Dict[str, float] = {}
+        for field in line[counter.end():].split("|"):
+            match = FIELD.match(field)
+            if not match or not match.group("name"):
+                continue
+            try:
+                metrics[match.group("name")] = float(match.group("value"))
+            except ValueError:
+                continue
+        lines.append(IterationMetrics(int(counter.group(1)), int(counter.group(2)), metrics))
+    return lines
+
+
 # ----------------------------------------------------------------------------- intervals
 
 
@@ -327,25 +388,22 @@ def parse_mfu(text: str, recipe: Optional[Recipe], peak_tflops: float,
             raise FoldingError("the log gives no world size: pass --world-size")
     flops_cache: Dict[int, int] = {}
     intervals = []
-    for line in text.splitlines():
-        elapsed = ELAPSED.search(line)
-        iteration = ITERATION.search(line)
-        if not elapsed or not iteration:
+    for line in iteration_metrics(text):
+        ms = line.metrics.get(ELAPSED_MS)
+        if ms is None:
             continue
-        batch_match = GLOBAL_BATCH.search(line)
-        batch = int(batch_match.group(1)) if batch_match else default_batch
+        batch = (int(line.metrics[GLOBAL_BATCH]) if GLOBAL_BATCH in line.metrics
+                 else default_batch)
         if batch is None:
             raise FoldingError("the log's iteration lines and arguments give no global batch size")
         if batch not in flops_cache:
             flops_cache[batch] = training_flops(model, seq_length, batch, tp, convention)
-        ms = float(elapsed.group(1))
-        if ms <= 0:
+        if not ms > 0:  # also NaN
             continue
         ours = flops_cache[batch] / (ms / 1000 * 1e12 * world_size)
-        printed = THROUGHPUT.search(line)
-        theirs = float(printed.group(1)) if printed else None
+        theirs = line.metrics.get(THROUGHPUT)
         disagrees = theirs is not None and abs(theirs - ours) > PRINTED_ROUNDING + tolerance * ours
-        intervals.append(Interval(iteration=int(iteration.group(1)), elapsed_ms=ms,
+        intervals.append(Interval(iteration=line.iteration, elapsed_ms=ms,
                                   global_batch_size=batch, tflops_per_gpu=ours,
                                   mfu=ours / peak_tflops, megatron_tflops_per_gpu=theirs,
                                   disagrees=disagrees))
