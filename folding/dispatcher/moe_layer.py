@@ -7,6 +7,8 @@ dispatcher its layer's row of the placement, and marks every replica slot but th
 expert so Megatron's gradient norm counts the expert once. ``sum_replica_gradients`` keeps the
 replicas of an expert one parameter: after Megatron reduces gradients over expert-data-parallel
 ranks, the gradients of all slots of an expert are summed over the EP group.
+The experts' sharded state dict names every slot by its logical expert
+(``folding.dispatcher.expert_checkpoint``), so torch_dist checkpoints load under any placement.
 ``is_moe_layer_spec`` and ``experts_class`` read a layer spec of either release.
 """
 
@@ -19,6 +21,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from folding.dispatcher.expert_checkpoint import install_logical_naming
 from folding.dispatcher.token_dispatcher import FoldedTokenDispatcher
 from folding.errors import FoldingError
 
@@ -95,6 +98,9 @@ class FoldedMoELayer(MoELayer):
             for param in module.parameters():
                 # Megatron's gradient norm skips parameters marked shared: count an expert once.
                 param.shared = not primary
+        # Checkpoints name every slot by its logical expert, so they load under any placement.
+        install_logical_naming(self.experts, row.tolist(), first, self.config.num_moe_experts,
+                               f"decoder.layers.{self.layer_number - 1}")
 
 
 def _built_class(spec) -> Optional[type]:
