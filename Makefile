@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 # torch is installed first and pinned, so nothing later pulls another build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test test-fast test-mcore019 ci clean
+.PHONY: install demo test test-fast test-mcore019 ci clean megatron-lm-check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,7 +35,7 @@ $(VENV19)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV19)
 	$(VENV19)/bin/pip install -q --upgrade pip
 	$(VENV19)/bin/pip install -q $(TORCH)
-	$(VENV19)/bin/pip install -q numpy scipy pyyaml matplotlib tqdm packaging einops triton pytest pytest-timeout
+	$(VENV19)/bin/pip install -q numpy scipy pyyaml matplotlib tqdm psutil packaging einops triton pytest pytest-timeout
 	$(VENV19)/bin/pip install -q --no-deps --ignore-requires-python megatron-core==0.19.2
 	$(VENV19)/bin/pip install -q --no-deps -e .
 	touch $@
@@ -47,3 +47,10 @@ ci: test test-mcore019
 
 clean:
 	rm -rf $(VENV) $(VENV19)
+
+# Megatron-LM's own pretrain_gpt.py (core_v0.16.1, core_v0.19.0, main) through `folding megatron`
+# on CPU, unmodified and patched, against the stock script: needs MEGATRON_LM_GIT=/path/to/Megatron-LM/.git
+# (its sources are not on PyPI, so CI cannot run this).
+megatron-lm-check: $(VENV19)/.installed
+	$(VENV19)/bin/pip install -q six regex pydantic
+	$(VENV19)/bin/python -m pytest -q tests/test_megatron_lm_scripts.py tests/test_megatron_plugin.py -k "pretrain_gpt or applies" $(PYTEST_ARGS)

@@ -39,16 +39,42 @@ def needs_megatron_training():
 
 
 def launch(ranks: int, flags: List[str], env: Optional[Dict[str, str]] = None,
-           timeout_s: float = 600, script: Path = SCRIPT) -> subprocess.CompletedProcess:
+           timeout_s: float = 600, script: Path = SCRIPT, log: Optional[Path] = None
+           ) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "folding.cli", "megatron", "--cpu", "--nproc", str(ranks),
-               "--json", "--timeout", str(timeout_s), "--", str(script)] + list(flags)
+               "--json", "--timeout", str(timeout_s)] + (["--log", str(log)] if log else []) + \
+        ["--", str(script)] + list(flags)
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout_s + 60,
                           env=dict(os.environ, **(env or {})))
 
 
-def train(ranks: int, *flags: str, iterations: int = 20, env=None) -> Dict:
-    """Train ``iterations`` iterations; the launcher's JSON (fails the test if no JSON came)."""
-    done = launch(ranks, MODEL + TRAINING + ["--train-iters", str(iterations)] + list(flags), env)
+def indexed_corpus(directory: Path) -> str:
+    """The shipped byte-level corpus as Megatron's indexed dataset (one document per paragraph,
+    bytes as token ids, as NullTokenizer with vocabulary 256 reads them); returns the prefix
+    for ``--data-path``."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from folding.run.corpus import PACKAGE_DIR
+
+    prefix = str(directory / "corpus_text_document")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for paragraph in (PACKAGE_DIR / "data" / "corpus.txt").read_bytes().split(b"\n\n"):
+        if paragraph.strip():
+            tokens = np.frombuffer(paragraph, dtype=np.uint8).astype(np.int64)
+            builder.add_document(tokens, [len(tokens)])
+    builder.finalize(prefix + ".idx")
+    return prefix
+
+
+def train(ranks: int, *flags: str, iterations: int = 20, env=None, log=None,
+          data: Optional[str] = None) -> Dict:
+    """Train ``iterations`` iterations on mock data, or on the indexed dataset ``data``; the
+    launcher's JSON (fails the test if no JSON came)."""
+    training = TRAINING if data is None else \
+        [f for f in TRAINING if f != "--mock-data"] + ["--data-path", data, "--split", "100,0,0"]
+    done = launch(ranks, MODEL + training + ["--train-iters", str(iterations)] + list(flags), env,
+                  log=log)
     lines = [l for l in done.stdout.splitlines() if l.startswith("{")]
     assert lines, f"no JSON from folding megatron (exit {done.returncode}): {done.stderr[-3000:]}"
     result = json.loads(lines[-1])

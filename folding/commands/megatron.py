@@ -32,6 +32,9 @@ def register(sub) -> None:
                    help="with --nproc: ranks' output hidden, one JSON object at the end (exit "
                         "status, failed rank, what the plugin reported, Megatron's metrics per "
                         "iteration)")
+    p.add_argument("--log", metavar="FILE", default=None,
+                   help="with --nproc: also write every rank's output to FILE (what `folding mfu` "
+                        "and tools/compare_runs.py read)")
     p.add_argument("script", metavar="SCRIPT", help="the training script, e.g. pretrain_gpt.py")
     p.add_argument("script_args", nargs=argparse.REMAINDER, metavar="ARGS",
                    help="the script's arguments, --folding-* flags included")
@@ -46,11 +49,15 @@ def run(args) -> int:
     if script_args[:1] == ["--"]:
         script_args = script_args[1:]
     if args.nproc is None:
-        if args.json or args.timeout is not None:
-            raise FoldingError("--json and --timeout need --nproc (one rank cannot see the others)")
+        if args.json or args.timeout is not None or args.log:
+            raise FoldingError("--json, --log and --timeout need --nproc (one rank cannot see the "
+                               "others)")
         return launcher.run_rank(args.script, script_args, cpu=args.cpu)
     run = launcher.launch_local(args.script, script_args, args.nproc, cpu=args.cpu,
                                 echo=not args.json, timeout_s=args.timeout)
+    if args.log:
+        with open(args.log, "w") as log:
+            log.writelines(run.output)
     if args.json:
         from folding.cost.mfu_log import iteration_metrics
 

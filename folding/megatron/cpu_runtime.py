@@ -128,6 +128,8 @@ def _cuda_shims(p: _Patcher) -> None:
     p.set(cuda, "default_stream", lambda *a, **k: _NoOpStream())
     p.set(cuda, "stream", _no_op_stream_context)
     p.set(cuda, "nvtx", _NoOpStream())
+    # No CUDA graph is ever being captured (Megatron's router tracer asks before recording).
+    p.set(cuda, "is_current_stream_capturing", lambda: False)
     p.set(cuda, "memory_allocated", lambda *a, **k: 0)
     p.set(cuda, "max_memory_allocated", lambda *a, **k: 0)
     # The CUDA generator's role on CPU is played by the CPU default generator: it is the one

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import os
 import sys
 import types
@@ -69,6 +70,49 @@ def _compile_helpers_if_missing(original):
     return compile_helpers
 
 
+def _optimizer_state_before_loading(original):
+    """Without Apex or Transformer Engine, Megatron's distributed optimizer reads Adam's step
+    from torch's optimizer state, which exists only after a first step, so a run cannot resume.
+    Before a load, give the state its shape the way Megatron does for Megatron-FSDP (one step
+    with zero gradients); the load then overwrites parameters and moments alike."""
+
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def sharded_state_dict(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        if bound.arguments.get("is_loading") and not self.optimizer.state:
+            self._init_optimizer_states_with_dummy_values()
+        return original(self, *args, **kwargs)
+
+    return sharded_state_dict
+
+
+def _loading_main_params(original):
+    """Two gaps of the distributed optimizer's load without Apex or Transformer Engine:
+
+    - it copies into the main parameters, which in an fp32 run are the model's own leaf
+      parameters, and autograd refuses that in-place copy: a load is never part of a graph, so
+      it runs without autograd;
+    - torch's Adam keeps a "step" tensor per parameter, which the fully reshardable format
+      leaves out of each parameter's tensors (it restores the step with the parameter groups),
+      so the copy looks for a key that is not there: a key the checkpoint does not carry is
+      left as it is.
+    """
+
+    @functools.wraps(original)
+    def load(self, model_param, tensors):
+        import torch
+
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        absent = {k: None for k in self.optimizer.state.get(main_param, {}) if k not in tensors}
+        with torch.no_grad():
+            return original(self, model_param, {**absent, **tensors})
+
+    return load
+
+
 def apply(p) -> None:
     import torch
 
@@ -94,6 +138,16 @@ def apply(p) -> None:
     # Start-up warms the fused bias-activation kernels up with torch.compile; Megatron's CPU flags
     # switch those fusions off, and Inductor would look for a GPU to compile for.
     p.set_in_module("megatron.training.initialize", "_warmup_jit_function", _nothing)
+    # Megatron-LM up to 0.17 builds its legacy fused softmax kernels with nvcc at start-up.
+    p.set_in_module("megatron.legacy.fused_kernels", "load", _nothing)
+    from megatron.core.optimizer import distrib_optimizer
+
+    if not getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True):
+        optimizer_class = distrib_optimizer.DistributedOptimizer
+        p.set(optimizer_class, "sharded_state_dict",
+              _optimizer_state_before_loading(optimizer_class.sharded_state_dict))
+        p.set(optimizer_class, "_set_main_param_and_optimizer_states",
+              _loading_main_params(optimizer_class._set_main_param_and_optimizer_states))
     p.set_in_module("megatron.core.datasets.utils", "compile_helpers",
                     _compile_helpers_if_missing(
                         importlib.import_module("megatron.core.datasets.utils").compile_helpers))

@@ -96,8 +96,33 @@ def check_folding(script: str, argv: Sequence[str], world_size: int, cpu: bool) 
             try:
                 args = training_hooks.validated_arguments(argv, world_size=world_size)
             except AssertionError as e:
-                raise FoldingError(f"Megatron's validate_args refuses the arguments: {e}") from None
+                raise FoldingError(f"Megatron's validate_args refuses the arguments: "
+                                   f"{_assertion_text(e)}") from None
     training_hooks.check_arguments(args)
+
+
+def _python311_marker_for_children() -> None:
+    """Processes Megatron spawns (checkpoint writers) re-import the script, and with it
+    megatron.training, which needs ``typing.override`` (Python 3.12): give them the marker
+    through a sitecustomize on their PYTHONPATH, and this process directly."""
+    import typing
+
+    if not hasattr(typing, "override"):
+        typing.override = lambda f: f
+    folder = os.path.join(os.path.dirname(__file__), "py311")
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep) if os.environ.get("PYTHONPATH") else []
+    if folder not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([folder] + paths)
+
+
+def _assertion_text(error: AssertionError) -> str:
+    """An assertion's message, or where it has none, the failed statement and its place."""
+    import traceback
+
+    if str(error):
+        return str(error)
+    frame = traceback.extract_tb(error.__traceback__)[-1]
+    return f"{frame.line} ({os.path.basename(frame.filename)}:{frame.lineno})"
 
 
 def run_rank(script: str, argv: Sequence[str], cpu: bool) -> int:
@@ -108,6 +133,8 @@ def run_rank(script: str, argv: Sequence[str], cpu: bool) -> int:
 
     script = _script_path(script)
     _prepare_imports(script)
+    if sys.version_info < (3, 12):
+        _python311_marker_for_children()
     if cpu:
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
         argv = with_cpu_flags(argv)
