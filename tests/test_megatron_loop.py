@@ -72,10 +72,14 @@ def _megatrons_flop_count(flags, world_size, monkeypatch) -> float:
 
     monkeypatch.setenv("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     with cpu_runtime(training=True):
+        from megatron.core.tokenizers.utils.build_tokenizer import vocab_size_with_padding
         from megatron.training.training import num_floating_point_operations
 
         args = validated_arguments(with_cpu_flags(MODEL + TRAINING + ["--train-iters", "20"] +
                                                   list(flags)), world_size=world_size)
+        # Megatron pads the vocabulary when it builds the tokenizer, after validation.
+        args.padded_vocab_size = vocab_size_with_padding(args.vocab_size, args,
+                                                         logging_enabled=False)
         return float(num_floating_point_operations(args, 8))
 
 
