@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 # torch is installed first and pinned, so nothing later pulls another build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test test-fast test-mcore019 ci clean megatron-lm-check
+.PHONY: install demo test test-fast test-mcore019 test-long ci clean megatron-lm-check
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ test-mcore019: $(VENV19)/.installed
 	$(VENV19)/bin/python -m pytest -q -m megatron $(PYTEST_ARGS)
 
 ci: test test-mcore019
+
+# The "Done when" cases too slow for CI on 2 cores: Megatron's training loop on 8 CPU ranks.
+test-long: $(VENV19)/.installed
+	FOLDING_LONG_TESTS=1 $(VENV19)/bin/python -m pytest -q tests/test_megatron_loop.py -k 8_ranks $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(VENV19)

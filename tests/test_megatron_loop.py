@@ -8,6 +8,7 @@ The reference is Megatron itself: the same script and flags without ``--folding-
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -81,6 +82,30 @@ def _megatrons_flop_count(flags, world_size, monkeypatch) -> float:
         args.padded_vocab_size = vocab_size_with_padding(args.vocab_size, args,
                                                          logging_enabled=False)
         return float(num_floating_point_operations(args, 8))
+
+
+FOLDINGS_8_RANKS = {
+    "tp2-sp-dp4_etp1-ep4-edp2": ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                                 "--expert-model-parallel-size", "4",
+                                 "--expert-tensor-parallel-size", "1"],
+    "pp2-dp4_etp1-ep4": ["--pipeline-model-parallel-size", "2", "--expert-model-parallel-size",
+                         "4", "--expert-tensor-parallel-size", "1"],
+}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(FOLDINGS_8_RANKS))
+def test_on_8_ranks_the_folded_dispatcher_trains_as_megatrons(name):
+    """Too slow for CI on 2 cores (8 ranks, about 3 minutes a folding): `make test-long`."""
+    if not os.environ.get("FOLDING_LONG_TESTS"):
+        pytest.skip("8 ranks on 2 cores: set FOLDING_LONG_TESTS=1 (make test-long)")
+    needs_megatron_training()
+    megatron = train(8, *FOLDINGS_8_RANKS[name])
+    folded = train(8, *FOLDINGS_8_RANKS[name], *FOLDED)
+    assert any("dispatch through FoldedMoELayer" in line for line in folded["plugin"])
+    difference = largest_relative_difference(losses(megatron), losses(folded), range(1, 21))
+    assert difference <= 1e-5, f"{name}: lm loss differs by {difference:.2e} (relative)"
 
 
 def test_a_bad_folding_is_refused_in_one_line_before_any_rank_starts():
