@@ -208,6 +208,9 @@ def test_folded_decoder_spec_folds_the_moe_layers_of_a_block_and_leaves_dense_on
         assert np.array_equal(placement.layers, np.tile(np.arange(8), (3, 1)))  # identity
     # Megatron's own spec is not changed in place.
     assert _mlp_class_and_params(block.layer_specs[0])[0] is not FoldedMoELayer
+    # Folding a folded spec changes nothing (a patched script run by `folding megatron`).
+    again = megatron_plugin.folded_decoder_spec(folded, megatron_namespace(moe_layer_freq=[1, 0, 1, 1]))
+    assert all(a is b for a, b in zip(again.layer_specs, folded.layer_specs))
 
 
 @pytest.mark.megatron

@@ -140,10 +140,10 @@ def run_rank(script: str, argv: Sequence[str], cpu: bool) -> int:
         argv = with_cpu_flags(argv)
     saved_argv = sys.argv
     sys.argv = [script] + list(argv)
-    patcher = runtime._Patcher()
     started = runtime.enable(training=True) if cpu else False
+    hooks = None
     try:
-        training_hooks.install(patcher)
+        hooks = training_hooks.install()
         runpy.run_path(script, run_name="__main__")
     except FoldingError as e:
         if os.environ.get("RANK", "0") == "0":
@@ -152,7 +152,8 @@ def run_rank(script: str, argv: Sequence[str], cpu: bool) -> int:
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
-        patcher.restore()
+        if hooks is not None:
+            hooks.restore()
         if started:
             runtime.disable()
         sys.argv = saved_argv

@@ -128,12 +128,17 @@ def _say(line: str) -> None:
         print(line, flush=True)
 
 
-def install(patcher) -> None:
-    """Put the plugin into ``megatron.training`` and ``GPTModel`` (undone by ``patcher.restore``).
+def install(patcher=None):
+    """Put the plugin into ``megatron.training`` and ``GPTModel``; returns the patcher whose
+    ``restore()`` takes it out again (a new one unless given).
 
     Modules that imported ``parse_args`` by name before this ran get the wrapped one too.
     """
     import megatron.training.arguments as arguments
+
+    from folding.megatron.cpu_runtime import _Patcher
+
+    patcher = patcher if patcher is not None else _Patcher()
     from megatron.core.models.gpt.gpt_model import GPTModel
 
     for function, wrap in (("parse_args", _wrapped_parse_args),
@@ -150,6 +155,7 @@ def install(patcher) -> None:
         hook(self, *args, **kwargs)
 
     patcher.set(GPTModel, "__init__", __init__)
+    return patcher
 
 
 def validated_arguments(argv, world_size: Optional[int] = None, defaults=None):
