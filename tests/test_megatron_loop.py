@@ -249,3 +249,38 @@ def test_a_checkpoint_saved_under_a_placement_resumes_under_any_placement_or_fol
     for name in ("b: Megatron's dispatcher", "c: placement Q"):
         assert largest_relative_difference(own, resumed[name], later) <= 1e-6, name
     assert largest_relative_difference(own, resumed["d: TP1 PP2 DP2 | EP2"], (11, 12)) <= 1e-4
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_started_per_rank_by_torchrun(tmp_path):
+    """Without --nproc each process is one rank of torchrun (env:// rendezvous); a bad folding
+    then stops every rank with exit status 2 and rank 0 alone says why."""
+    needs_megatron_training()
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from megatron_loop import MODEL, SCRIPT, TRAINING
+
+    torchrun = Path(sys.executable).parent / "torchrun"
+    folding = shutil.which("folding", path=str(Path(sys.executable).parent))
+    if not torchrun.exists() or folding is None:
+        pytest.skip("torchrun or the folding entry point is not installed next to this Python")
+
+    def run(*flags):
+        command = [str(torchrun), "--nproc-per-node", "2", "--no-python", folding, "megatron",
+                   "--cpu", "--", str(SCRIPT), *MODEL, *TRAINING, "--train-iters", "3",
+                   "--expert-model-parallel-size", "2", *flags]
+        return subprocess.run(command, capture_output=True, text=True, timeout=600,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+    done = run("--folding-check-mesh", "--folding-dispatcher")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "dispatch through FoldedMoELayer" in done.stdout
+    assert done.stdout.count("iteration        3/       3") == 1
+    refused = run("--folding-dispatcher", "--moe-token-dispatcher-type", "flex")
+    assert refused.returncode != 0
+    lines = [l for l in refused.stderr.splitlines() if l.startswith("folding megatron: error:")]
+    assert len(lines) == 1 and "flex" in lines[0]
