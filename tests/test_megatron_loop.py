@@ -213,6 +213,9 @@ def test_a_checkpoint_saved_under_a_placement_resumes_under_any_placement_or_fol
     (b) under Megatron's own dispatcher, (c) under placement Q, (d) under another folding (PP2,
     EP2, TP1): each resumed run equals the uninterrupted one within 1e-4 wherever Megatron's own
     save and resume of that run, (a), is exact, and the resumed runs equal each other."""
+    # (On CPU this needs the CPU runtime's three repairs of the distributed optimizer's load
+    # without Apex or Transformer Engine; without the per-parameter Adam step, every resumed
+    # run drifts from iteration 12 on.)
     needs_megatron_training()
     checkpoint = tmp_path / "ckpt"
     p, q = _placement(tmp_path, "p", PLACEMENT_P), _placement(tmp_path, "q", PLACEMENT_Q)
@@ -235,20 +238,17 @@ def test_a_checkpoint_saved_under_a_placement_resumes_under_any_placement_or_fol
     resumed = {name: losses(run) for name, run in resumed.items()}
     later = range(11, 15)
     own = resumed["a: placement P"]
-    # Where Megatron's own save and resume of this run is exact, every resumed run must be too.
-    # (On this setup it is exact at iteration 11 only, Megatron's dispatcher alike: from
-    # iteration 12 on every resume, (a) included, differs from the uninterrupted run.)
+    # Megatron's own save and resume of this run is exact except where it reports: the first
+    # iteration after a resume is logged without resetting its loss sums, so the second one
+    # (12) prints the mean of iterations 11 and 12. Training itself is exact: 13 and 14 agree.
     exact = [i for i in later if own[i] == uninterrupted[i]]
-    assert 11 in exact, "the first iteration after loading must see the saved weights"
+    assert exact == [11, 13, 14], f"Megatron's own resume is exact at {exact}"
+    assert own[12] == pytest.approx((uninterrupted[11] + uninterrupted[12]) / 2, abs=2e-6)
     for name, run in resumed.items():
         difference = largest_relative_difference(uninterrupted, run, exact)
         assert difference <= 1e-4, f"{name}: lm loss differs by {difference:.2e} at {exact}"
-    # Model and Adam state load the same whatever the placement or dispatcher: (b) and (c)
-    # equal (a) at every iteration; (d) reshards over TP, PP and EP, so its arithmetic differs
-    # in order, and it equals (a) within 1e-4 through the first update after loading.
-    for name in ("b: Megatron's dispatcher", "c: placement Q"):
-        assert largest_relative_difference(own, resumed[name], later) <= 1e-6, name
-    assert largest_relative_difference(own, resumed["d: TP1 PP2 DP2 | EP2"], (11, 12)) <= 1e-4
+        # ...and whatever the placement, dispatcher or folding, the same at every iteration.
+        assert largest_relative_difference(own, run, later) <= 1e-4, name
 
 
 @pytest.mark.multiprocess

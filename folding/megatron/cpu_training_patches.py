@@ -88,6 +88,26 @@ def _optimizer_state_before_loading(original):
     return sharded_state_dict
 
 
+def _own_step_per_parameter(original):
+    """Without Apex or Transformer Engine the distributed optimizer gives torch's Adam one "step"
+    tensor shared by every parameter when it loads a checkpoint; Adam then counts each
+    parameter's update on that one tensor, so after a resume the step runs ahead and the bias
+    correction is wrong. After the load every parameter gets its own copy."""
+
+    @functools.wraps(original)
+    def load_state_dict(self, *args, **kwargs):
+        import torch
+
+        result = original(self, *args, **kwargs)
+        for state in self.optimizer.state.values():
+            step = state.get("step")
+            if isinstance(step, torch.Tensor):
+                state["step"] = step.clone()
+        return result
+
+    return load_state_dict
+
+
 def _loading_main_params(original):
     """Two gaps of the distributed optimizer's load without Apex or Transformer Engine:
 
@@ -146,6 +166,8 @@ def apply(p) -> None:
         optimizer_class = distrib_optimizer.DistributedOptimizer
         p.set(optimizer_class, "sharded_state_dict",
               _optimizer_state_before_loading(optimizer_class.sharded_state_dict))
+        p.set(optimizer_class, "load_state_dict",
+              _own_step_per_parameter(optimizer_class.load_state_dict))
         p.set(optimizer_class, "_set_main_param_and_optimizer_states",
               _loading_main_params(optimizer_class._set_main_param_and_optimizer_states))
     p.set_in_module("megatron.core.datasets.utils", "compile_helpers",
