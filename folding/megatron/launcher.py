@@ -88,10 +88,7 @@ def check_folding(script: str, argv: Sequence[str], world_size: int, cpu: bool) 
         if cpu:
             stack.enter_context(runtime.cpu_runtime(training=True))
         if sys.version_info < (3, 12) and not cpu:
-            import typing
-
-            if not hasattr(typing, "override"):  # megatron.training uses Python 3.12's marker
-                typing.override = lambda f: f
+            _typing_override_marker()
         with stack:
             try:
                 args = training_hooks.validated_arguments(argv, world_size=world_size)
@@ -101,14 +98,20 @@ def check_folding(script: str, argv: Sequence[str], world_size: int, cpu: bool) 
     training_hooks.check_arguments(args)
 
 
-def _python311_marker_for_children() -> None:
-    """Processes Megatron spawns (checkpoint writers) re-import the script, and with it
-    megatron.training, which needs ``typing.override`` (Python 3.12): give them the marker
-    through a sitecustomize on their PYTHONPATH, and this process directly."""
+def _typing_override_marker() -> None:
+    """megatron.training (0.19+) imports Python 3.12's ``typing.override``, a decorator that
+    only marks methods; on 3.11 this process gets it here."""
     import typing
 
     if not hasattr(typing, "override"):
         typing.override = lambda f: f
+
+
+def _python311_marker_for_children() -> None:
+    """Processes Megatron spawns (checkpoint writers) re-import the script, and with it
+    megatron.training, which needs ``typing.override`` (Python 3.12): give them the marker
+    through a sitecustomize on their PYTHONPATH, and this process directly."""
+    _typing_override_marker()
     folder = os.path.join(os.path.dirname(__file__), "py311")
     paths = os.environ.get("PYTHONPATH", "").split(os.pathsep) if os.environ.get("PYTHONPATH") else []
     if folder not in paths:
@@ -275,13 +278,11 @@ def launch_local(script: str, argv: Sequence[str], nproc: int, cpu: bool, echo: 
     return run
 
 
-_PEER_SYMPTOMS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
-                  "Connection refused", "Timed out", "timed out")
-
-
 def _is_peer_symptom(tail: Deque[str]) -> bool:
+    from folding.run.launch import PEER_SYMPTOMS
+
     text = "".join(list(tail)[-5:])
-    return any(s in text for s in _PEER_SYMPTOMS)
+    return any(s in text for s in PEER_SYMPTOMS)
 
 
 def _stop(procs) -> None:

@@ -107,7 +107,7 @@ def _stop(processes, grace_s: float = 0.0) -> None:
 
 
 # Errors a rank sees when a peer is gone: symptoms, not causes.
-_PEER_SYMPTOMS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+PEER_SYMPTOMS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
                   "Timed out", "timed out", "Connection refused")
 
 
@@ -131,7 +131,7 @@ def _first_failure(item, processes, results, done) -> RankFailed:
         if rank not in done and rank not in reported and code not in (None, 0):
             why = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
             return RankFailed(rank, f"{why} without a result")
-    causes = [e for e in errors if not any(s in e[2] for s in _PEER_SYMPTOMS)] or errors
+    causes = [e for e in errors if not any(s in e[2] for s in PEER_SYMPTOMS)] or errors
     first = min(causes, key=lambda e: e[1])
     return RankFailed(first[1], first[2], first[3])
 
