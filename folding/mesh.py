@@ -26,6 +26,7 @@ from folding.errors import FoldingError, InvalidFolding
 
 DIMENSIONS = ("tp", "cp", "ep", "dp", "pp")
 DEFAULT_ORDER = "tp-cp-ep-dp-pp"
+CP_COMM_TYPES = ("p2p", "all_gather", "a2a")
 
 # Group kinds and the Megatron order tokens that span them.
 ATTENTION_GROUPS: Dict[str, Sequence[str]] = {
@@ -133,6 +134,10 @@ class FoldingSpec:
     """Key/value heads (GQA groups), when a model is given."""
     sequence_parallel: Optional[bool] = None
     """Megatron's sequence parallelism; defaults to on when TP > 1."""
+    cp_comm_type: str = "p2p"
+    """How context-parallel attention exchanges keys and values (Megatron's ``cp_comm_type``):
+    p2p (a ring of K/V blocks), all_gather (K/V gathered over CP) or a2a (Ulysses: heads
+    scattered, sequence gathered)."""
 
     def __post_init__(self) -> None:
         violations = self._resolve()
@@ -210,6 +215,7 @@ class FoldingSpec:
                      f"EP={self.ep}): Megatron's MoELayer refuses to train without it")
         if self.vpp is not None and self.pp == 1:
             v.append(f"VPP={self.vpp} needs PP>1 (PP=1)")
+        v += self._check_context_parallel()
         if self.num_layers is not None:
             stages = self.pp * (self.vpp or 1)
             if self.num_layers % stages:
@@ -217,6 +223,21 @@ class FoldingSpec:
                 v.append(f"num_layers={self.num_layers} is not divisible by {what}")
         # Comparing PP groups only means something once both meshes tile the world.
         v += self._check_order(compare_pp_groups=not v and None not in (self.dp, self.edp))
+        return v
+
+    def _check_context_parallel(self) -> List[str]:
+        if self.cp_comm_type not in CP_COMM_TYPES:
+            return [f"unknown cp comm type {self.cp_comm_type!r}; known: {', '.join(CP_COMM_TYPES)}"]
+        if self.cp_comm_type != "a2a" or self.cp == 1:
+            return []
+        # Ulysses scatters each TP rank's heads and key/value groups over the CP ranks.
+        v = []
+        for what, count in (("num_attention_heads", self.num_attention_heads),
+                            ("num_query_groups", self.num_query_groups)):
+            if count is not None and count % self.tp == 0 and (count // self.tp) % self.cp:
+                v.append(f"cp comm type a2a needs {what} per TP rank divisible by CP: "
+                         f"{what}={count} / TP={self.tp} = {count // self.tp} is not divisible "
+                         f"by CP={self.cp}")
         return v
 
     def _check_order(self, compare_pp_groups: bool) -> List[str]:
@@ -292,7 +313,7 @@ class FoldingSpec:
     def degrees(self) -> Dict[str, object]:
         """The resolved degrees, as plain values (for JSON and recipes)."""
         keys = ("world_size", "tp", "cp", "dp", "pp", "vpp", "etp", "ep", "edp", "order",
-                "gpus_per_node", "sequence_parallel")
+                "gpus_per_node", "sequence_parallel", "cp_comm_type")
         return {k: getattr(self, k) for k in keys}
 
     def describe(self) -> str:

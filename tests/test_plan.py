@@ -136,6 +136,16 @@ def test_more_memory_admits_more_foldings():
 
 
 
+def test_planned_context_parallel_rows_pay_for_their_exchanges():
+    """The CP term counts the ring's exposed time: positive at every CP > 1, zero at CP 1."""
+    training = TrainingSetup(seq_length=8192, global_batch_size=64)
+    result = plan(MOE, training, H100_SXM, gpus=16, gpus_per_node=8, gpu_memory_gb=80,
+                  micro_batch_sizes=(1,), recompute=("none",), max_cp=4)
+    cp_rows = [r for r in result.rows if r.spec.cp > 1]
+    assert cp_rows and all(r.time.layers.cp > 0 for r in cp_rows)
+    assert all(r.time.layers.cp == 0 for r in result.rows if r.spec.cp == 1)
+
+
 def test_cli_plan_json_and_published_folding(cli):
     code, out, err = cli("plan", "--recipe", "mixtral-8x22b", "--gpus", "128",
                              "--gpus-per-node", "8", "--gpu-mem-gb", "80", "--top", "5", "--json")

@@ -16,6 +16,8 @@ def add_folding_arguments(parser: argparse.ArgumentParser, world_size_default=No
     g.add_argument("--world-size", type=int, default=world_size_default, help="number of ranks")
     g.add_argument("--tp", type=int, default=1, help="attention tensor parallel size")
     g.add_argument("--cp", type=int, default=1, help="attention context parallel size")
+    g.add_argument("--cp-comm-type", default=None, metavar="TYPE",
+                   help="context-parallel attention exchange: p2p (default), all_gather or a2a")
     g.add_argument("--dp", type=int, help="attention data parallel size (derived if left out)")
     g.add_argument("--pp", type=int, default=1, help="pipeline parallel size (shared)")
     g.add_argument("--vpp", type=int, help="virtual pipeline stages per rank")
@@ -36,7 +38,8 @@ def folding_from_args(args: argparse.Namespace, **model) -> FoldingSpec:
         model.setdefault("num_experts", args.num_experts)
     return FoldingSpec(world_size=args.world_size, tp=args.tp, cp=args.cp, dp=args.dp,
                        pp=args.pp, vpp=args.vpp, etp=args.etp, ep=args.ep, edp=args.edp,
-                       order=args.order, gpus_per_node=args.gpus_per_node, **model)
+                       order=args.order, gpus_per_node=args.gpus_per_node,
+                       cp_comm_type=getattr(args, "cp_comm_type", None) or "p2p", **model)
 
 
 def add_json_argument(parser: argparse.ArgumentParser) -> None:

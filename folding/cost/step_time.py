@@ -13,8 +13,10 @@ Communication, per layer and micro-batch, forward and backward:
 
 - TP: all-gather before and reduce-scatter after each sequence-parallel block (attention, dense
   MLP, shared experts): four collectives of the layer's hidden states each way. Not overlapped.
-- CP: the ring passes K and V (and their gradients backward) around the CP group, overlapped
-  with core attention; only the excess shows.
+- CP: the bytes of ``folding.cost.context_parallel`` for the folding's ``cp_comm_type``
+  (``_cp_time``). The p2p ring overlaps each hop with one block of core attention; only the
+  excess shows, plus the latency of the first hop and, backward, the last dK/dV hop home.
+  all_gather and a2a are not overlapped. Recomputing core attention repeats the forward's.
 - EP: the token all-to-all for dispatch and combine, forward and backward; with ETP > 1 the
   expert rank also all-gathers and reduce-scatters tokens over ETP. Not overlapped.
 - PP: (M x VPP + PP - 1) chunk slots of the slowest stage (the bubble is (PP - 1) / VPP stage
@@ -33,6 +35,7 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 from folding.cost import comm
+from folding.cost.context_parallel import exchange_bytes
 from folding.cost.flops import layer_flops, training_flops
 from folding.cost.hardware import HardwareProfile
 from folding.cost.memory import (DTYPE_BYTES, ActivationModel, num_microbatches, sharding_degrees,
@@ -150,7 +153,7 @@ class StepTimeModel:
     def layer_time(self, spec: FoldingSpec, spans: Dict, is_moe: bool, mbs: int,
                    recompute: str) -> LayerTime:
         key = (spec.tp, spec.cp, spec.etp, spec.ep, spec.dp, spec.edp, spec.pp, spec.order,
-               spec.gpus_per_node, is_moe, mbs, recompute)
+               spec.gpus_per_node, spec.cp_comm_type, is_moe, mbs, recompute)
         if key not in self._layers:
             self._layers[key] = self._layer_time(spec, spans, is_moe, mbs, recompute)
         return self._layers[key]
@@ -197,13 +200,7 @@ class StepTimeModel:
         tp_time = 0.0
         if tp > 1:
             tp_time = passes * blocks * 2 * comm.all_gather_time(hidden_bytes, spans[("attention", "tp")], hw)
-        cp_time = 0.0
-        if cp > 1:
-            kv_dim = (arch.kv_lora_rank + arch.qk_pos_emb_head_dim if arch.multi_latent_attention
-                      else 2 * arch.query_groups * arch.head_dim / tp)
-            ring = (cp - 1) * comm.p2p_time(T * kv_dim * a, spans[("attention", "cp")].nodes > 1, hw)
-            core_fwd = core
-            cp_time = max(0.0, ring - core_fwd) + max(0.0, 2 * ring - 2 * core_fwd)
+        cp_time = self._cp_time(spec, spans[("attention", "cp")], mbs, recompute, core)
         ep_time = 0.0
         if is_moe:
             moe_passes = 3 if recompute == "full" else 2
@@ -213,6 +210,61 @@ class StepTimeModel:
                 ep_time += moe_passes * 2 * comm.all_gather_time(
                     shape.expert_tokens * h * a, spans[("moe", "etp")], hw)
         return LayerTime(compute=compute, tp=tp_time, cp=cp_time, ep=ep_time)
+
+    def _cp_time(self, spec: FoldingSpec, span: comm.Span, mbs: int, recompute: str,
+                 core: float) -> float:
+        """Exposed seconds of context-parallel attention's exchanges in one layer, forward and
+        backward, for one micro-batch; ``core`` is the rank's core-attention forward time.
+
+        - p2p: CP-1 ring hops forward, each carrying one K/V block (the forward bytes / (CP-1))
+          while the rank computes attention on one block (``core`` / CP). A hop shows only by
+          what it takes beyond that block: exposed = sum over hops of max(0, hop - block), plus
+          the first hop's latency, which nothing hides. Backward: CP-1 hops carrying K/V and a
+          dK/dV accumulator (twice the bytes) under twice the block compute (backward is ~2x
+          forward), the same first latency, and the last dK/dV hop home (the rest of the
+          backward bytes), exposed whole: no compute is left to hide it.
+        - all_gather: gather K/V forward; gather again and reduce-scatter dK/dV backward. Not
+          overlapped.
+        - a2a: four all-to-alls (q, k, v, output) each way; not overlapped.
+
+        Recomputation of core attention (selective, or full with the whole layer) runs the
+        forward's exchanges once more.
+        """
+        cp, mode = spec.cp, spec.cp_comm_type
+        if cp == 1:
+            return 0.0
+        arch, hw = self.arch, self.hw
+        if arch.multi_latent_attention:  # per-head K and V after the up-projections
+            heads = groups = arch.num_attention_heads
+            head_dim, value_dim = arch.qk_head_dim + arch.qk_pos_emb_head_dim, arch.v_head_dim
+        else:
+            heads, groups = arch.num_attention_heads, arch.query_groups
+            head_dim, value_dim = arch.head_dim, None
+        moved = exchange_bytes(mode, seq_length=self.training.seq_length, micro_batch_size=mbs,
+                               num_attention_heads=heads, num_query_groups=groups,
+                               head_dim=head_dim, value_head_dim=value_dim, tp=spec.tp, cp=cp,
+                               element_bytes=self.a)
+        if mode == "p2p":
+            crosses = span.nodes > 1
+            kv = moved.forward // (cp - 1)
+            block = core / cp
+            first = comm.latency(span, hw)
+            forward = first + (cp - 1) * max(0.0, comm.p2p_time(kv, crosses, hw) - block)
+            backward = (first + (cp - 1) * max(0.0, comm.p2p_time(2 * kv, crosses, hw) - 2 * block)
+                        + comm.p2p_time(moved.backward - 2 * (cp - 1) * kv, crosses, hw))
+        elif mode == "all_gather":
+            # a ring all-gather of CP blocks sends CP-1 of them: the forward bytes
+            gathered = moved.forward * cp / (cp - 1)
+            forward = comm.all_gather_time(gathered, span, hw)
+            backward = (comm.all_gather_time(gathered, span, hw)
+                        + comm.reduce_scatter_time(gathered, span, hw))
+        else:
+            # each rank keeps 1/CP of the q, k, v and output buffers and sends the rest
+            buffers = moved.forward * cp / (cp - 1)
+            forward = comm.all_to_all_time(buffers, span, hw) + 3 * (cp - 1) * comm.latency(span, hw)
+            backward = forward
+        forward_passes = 2 if recompute in ("full", "selective") else 1
+        return forward_passes * forward + backward
 
     def _head_time(self, spec: FoldingSpec, mbs: int, pre: bool, post: bool) -> float:
         """Embedding lookup (memory-bound, small) and output layers of the end stages."""

@@ -81,6 +81,20 @@ def _type_as_cuda(original):
     return tensor_type
 
 
+def _pos_emb_on_this_cp_rank(pos_emb, seq_dim, cp_group):
+    """Megatron's selection of this CP rank's two chunks of the rotary table, without the pinned
+    host buffer it builds the index in (pinning needs an accelerator)."""
+    from folding.context_parallel.layout import rank_chunks
+
+    if cp_group is None:
+        raise ValueError("cp_group must be provided to get positional embedding per CP rank")
+    cp_size, cp_rank = cp_group.size(), cp_group.rank()
+    index = torch.tensor(rank_chunks(cp_size, cp_rank), device=pos_emb.device)
+    pos_emb = pos_emb.view(*pos_emb.shape[:seq_dim], 2 * cp_size, -1, *pos_emb.shape[(seq_dim + 1):])
+    pos_emb = pos_emb.index_select(seq_dim, index)
+    return pos_emb.view(*pos_emb.shape[:seq_dim], -1, *pos_emb.shape[(seq_dim + 2):])
+
+
 # Tags for pipeline messages: activations flow to the next stage, gradients to the previous.
 _FORWARD_TAG, _BACKWARD_TAG = 1, 2
 
@@ -120,6 +134,10 @@ def apply(p) -> None:
     # 0.16.1 reads a module global that is never defined without Transformer Engine.
     p.set_in_module("megatron.core.transformer.moe.moe_utils", "te_general_gemm", None,
                     only_if_missing=True)
+    for module in ("megatron.core.models.common.embeddings.rope_utils",
+                   "megatron.core.models.common.embeddings.rotary_pos_embedding",
+                   "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding"):
+        p.set_in_module(module, "get_pos_emb_on_this_cp_rank", _pos_emb_on_this_cp_rank)
     for module in ("megatron.core.transformer.moe.moe_utils",
                    "megatron.core.transformer.moe.token_dispatcher"):
         p.set_in_module(module, "maybe_move_tensor_to_cpu", _maybe_move_tensor_to_cpu)

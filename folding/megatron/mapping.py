@@ -56,7 +56,8 @@ def parallel_state_kwargs(spec: FoldingSpec) -> Dict:
 
 def config_kwargs(spec: FoldingSpec) -> Dict:
     """The parallel fields of ``TransformerConfig`` for ``spec``."""
-    return dict(megatron_degrees(spec), sequence_parallel=spec.sequence_parallel)
+    return dict(megatron_degrees(spec), sequence_parallel=spec.sequence_parallel,
+                cp_comm_type=spec.cp_comm_type)
 
 
 def order_flags(order: str) -> List[str]:
@@ -81,6 +82,8 @@ def degree_flags(spec: FoldingSpec, num_layers: int, moe: bool) -> List[str]:
         return [flag(names[field]), str(getattr(spec, field))]
 
     f = degree("tp") + degree("pp") + degree("cp")
+    if spec.cp > 1:
+        f += ["--cp-comm-type", spec.cp_comm_type]
     if spec.vpp:
         f += ["--num-layers-per-virtual-pipeline-stage", str(num_layers // (spec.pp * spec.vpp))]
     if moe:
@@ -100,6 +103,14 @@ def spec_from_args(args) -> FoldingSpec:
     uneven = any(getattr(args, name, None) for name in UNEVEN_PIPELINE_ARGUMENTS)
     query_groups = args.num_query_groups if getattr(args, "group_query_attention", False) else None
     degrees = {field: getattr(args, name) for field, name in MEGATRON_DEGREES}
+    # Megatron parses --cp-comm-type as a list (one type per layer allowed); one type for all
+    # layers is what the CP attention here offers.
+    comm = getattr(args, "cp_comm_type", None) or "p2p"
+    if isinstance(comm, (list, tuple)):
+        if len(set(comm)) != 1:
+            raise FoldingError(f"--cp-comm-type gives several types ({' '.join(comm)}); the "
+                               f"plugin's context-parallel attention takes one for all layers")
+        comm = comm[0]
     return FoldingSpec(
         world_size=args.world_size,
         order=order,
@@ -109,5 +120,6 @@ def spec_from_args(args) -> FoldingSpec:
         num_attention_heads=args.num_attention_heads,
         num_query_groups=query_groups,
         sequence_parallel=bool(args.sequence_parallel),
+        cp_comm_type=comm,
         **degrees,
     )

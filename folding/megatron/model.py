@@ -190,6 +190,10 @@ def build_model_chunks(arch: ModelArch, training: TrainingSetup, spec: FoldingSp
         layer_spec = folded_layer_spec(layer_spec, placement, arch.moe_ordinals(), spec.gpus_per_node)
     elif placement is not None:
         raise FoldingError("a placement needs the folded dispatcher (--dispatcher folded)")
+    if spec.cp > 1:
+        from folding.context_parallel.attention import context_parallel_layer_spec
+
+        layer_spec = context_parallel_layer_spec(layer_spec)
     chunks = []
     for vp_stage in range(spec.vpp or 1):
         stage = vp_stage if spec.vpp else None

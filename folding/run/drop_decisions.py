@@ -56,15 +56,31 @@ def _capacity_margin(probs: torch.Tensor, capacity: int, policy: str) -> torch.T
     return torch.where(kept > 0, gap, torch.full_like(gap, float("inf")))
 
 
+def token_group_rows(rows: int, sequence_parallel: int, cp: int) -> List[torch.Tensor]:
+    """The router-input rows (sequence-major, as Megatron flattens [s, b]) that each folded rank
+    routes, in that rank's order; group ``tp + sequence_parallel * cp_rank``.
+
+    CP rank r holds chunks r and 2 CP - 1 - r of 2 CP equal chunks of the sequence (Megatron's
+    load-balanced split); sequence parallel then cuts a rank's tokens into contiguous shards.
+    """
+    everything = torch.arange(rows)
+    if cp == 1:
+        per_cp = [everything]
+    else:
+        chunks = everything.chunk(2 * cp)
+        per_cp = [torch.cat([chunks[r], chunks[2 * cp - 1 - r]]) for r in range(cp)]
+    return [shard for local in per_cp for shard in local.chunk(sequence_parallel)]
+
+
 class DropDecisions:
     """Patches Megatron's router for the checker: ``record`` in the reference, ``replay`` on
-    folded ranks. Token groups are the tokens one folded rank routes: contiguous slices of the
-    router input (sequence-parallel shards)."""
+    folded ranks. Token groups are the tokens one folded rank routes (``token_group_rows``)."""
 
-    def __init__(self, mode: str, groups: int, records: Optional[Dict[Key, DropRecord]] = None,
+    def __init__(self, mode: str, sequence_parallel: int = 1, cp: int = 1,
+                 records: Optional[Dict[Key, DropRecord]] = None,
                  micro_batches: int = 1, dp_rank: int = 0, group: int = 0):
         assert mode in ("record", "replay")
-        self.mode, self.groups = mode, groups
+        self.mode, self.sequence_parallel, self.cp = mode, sequence_parallel, cp
         self.records: Dict[Key, DropRecord] = records if records is not None else {}
         self.micro_batches, self.dp_rank, self.group = micro_batches, dp_rank, group
         self.check = DropCheck()
@@ -99,15 +115,17 @@ class DropDecisions:
         from megatron.core.transformer.moe.moe_utils import get_capacity
 
         router_topk, capacity_factor, policy, _ = args
-        outputs = []
-        for group, (p, m) in enumerate(zip(probs.chunk(self.groups), routing_map.chunk(self.groups))):
+        out_probs, out_map = torch.empty_like(probs), torch.empty_like(routing_map)
+        groups = token_group_rows(probs.shape[0], self.sequence_parallel, self.cp)
+        for group, rows in enumerate(groups):
+            p, m = probs[rows], routing_map[rows]
             final_probs, final_map = original(p, m, *args)
             capacity = get_capacity(num_tokens=p.shape[0] * router_topk, num_experts=p.shape[1],
                                     capacity_factor=capacity_factor)
             self.records[(self.step, layer, micro_batch, group)] = DropRecord(
                 final_map.detach().clone(), _capacity_margin(p, capacity, policy))
-            outputs.append((final_probs, final_map))
-        return torch.cat([o[0] for o in outputs]), torch.cat([o[1] for o in outputs])
+            out_probs[rows], out_map[rows] = final_probs, final_map
+        return out_probs, out_map
 
     def _replay(self, original, probs, routing_map, args, layer, micro_batch):
         _, own_map = original(probs, routing_map, *args)

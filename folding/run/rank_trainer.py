@@ -71,6 +71,20 @@ def forward_step(data_iterator, model):
     return output, loss_func
 
 
+def _this_cp_rank_part(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """This CP rank's chunks of a micro-batch, cut by Megatron's own batch split (0.19 added a
+    required ``is_hybrid_cp`` argument)."""
+    import inspect
+
+    from megatron.core import parallel_state as ps
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    kwargs = {"cp_group": ps.get_context_parallel_group()}
+    if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters:
+        kwargs["is_hybrid_cp"] = False
+    return get_batch_on_this_cp_rank(dict(batch), **kwargs)
+
+
 @dataclass
 class StepResult:
     loss: float
@@ -95,9 +109,6 @@ class RankTrainer:
 
         from folding.megatron.groups import initialize
 
-        if spec.cp > 1 and not torch.cuda.is_available():
-            raise FoldingError("CP>1 needs Transformer Engine's attention, which needs a GPU; "
-                               "on CPU use CP=1")
         self.arch, self.training, self.spec = arch, training, spec
         self.routing = routing or MoERouting.from_training(training)
         self.rank = dist.get_rank()
@@ -293,9 +304,12 @@ class RankTrainer:
         dispatchers = self._dispatchers() if self.routing.dispatcher == "folded" else []
         for _, dispatcher in dispatchers:
             dispatcher.counters.reset()
+        # Megatron's schedules take the whole sequence's length and divide it by CP themselves.
+        seq_length = micro_batches[0]["tokens"].shape[1]
+        if self.spec.cp > 1:
+            micro_batches = [_this_cp_rank_part(b) for b in micro_batches]
         iterators = ([iter(micro_batches) for _ in self.ddp] if len(self.ddp) > 1
                      else iter(micro_batches))
-        seq_length = micro_batches[0]["tokens"].shape[1]
         losses = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iterators,
             model=self.ddp if len(self.ddp) > 1 else self.ddp[0],

@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from folding.context_parallel.layout import check_sequence_length
 from folding.errors import FoldingError
 from folding.megatron.groups import destroy
 from folding.megatron.model import MoERouting
@@ -33,7 +34,7 @@ from folding.run.drop_decisions import DropCheck, DropDecisions
 
 LOSS_TOLERANCE = 1e-5
 TENSOR_TOLERANCE = 1e-4
-FAULTS = ("skip-expert-dp-reduce", "skip-tp-norm-reduce", "halve-capacity")
+FAULTS = ("skip-expert-dp-reduce", "skip-tp-norm-reduce", "skip-cp-reduce", "halve-capacity")
 
 
 @dataclass
@@ -59,14 +60,9 @@ class VerifyCase:
             raise FoldingError(f"unknown fault {self.fault!r}; known: {', '.join(FAULTS)}")
         if self.steps < 1 or self.micro_batches < 1 or self.micro_batch_size < 1:
             raise FoldingError("steps, micro-batches and micro-batch size must be at least 1")
-        if self.spec.cp > 1 and not torch.cuda.is_available():
-            raise FoldingError("CP>1 needs Transformer Engine's context-parallel attention, which "
-                               "runs only on GPUs; on CPU verify CP=1 foldings")
         if self.placement is not None and self.routing.dispatcher != "folded":
             raise FoldingError("--placement needs --dispatcher folded")
-        if self.seq_len % (self.spec.tp * self.spec.cp):
-            raise FoldingError(f"seq-len={self.seq_len} is not divisible by TP x CP = "
-                               f"{self.spec.tp * self.spec.cp}")
+        check_sequence_length(self.seq_len, self.spec)
 
     def load_recipe(self) -> Recipe:
         recipe = load_recipe(self.recipe, **self.spec.degrees())
@@ -179,7 +175,8 @@ def _reference_rank(rank: int, world: int, cases: List[VerifyCase], paths: List[
         recipe = case.load_recipe()
         spec = case.reference_spec()
         routing = dataclasses.replace(case.routing, dispatcher="alltoall")
-        decisions = DropDecisions("record", groups=_token_groups(case.spec))
+        decisions = DropDecisions("record", sequence_parallel=_sequence_shards(case.spec),
+                                  cp=case.spec.cp)
         decisions.install()
         trainer = RankTrainer(recipe.model, recipe.training, spec, routing)
         corpus = ByteCorpus(recipe.training.data)
@@ -197,9 +194,9 @@ def _reference_rank(rank: int, world: int, cases: List[VerifyCase], paths: List[
     return len(cases)
 
 
-def _token_groups(spec: FoldingSpec) -> int:
-    """How many ranks split one micro-batch's tokens before the router (sequence parallel, CP)."""
-    return (spec.tp if spec.sequence_parallel else 1) * spec.cp
+def _sequence_shards(spec: FoldingSpec) -> int:
+    """How many sequence-parallel shards a CP rank's tokens are cut into before the router."""
+    return spec.tp if spec.sequence_parallel else 1
 
 
 def _error_sums(local: Dict, reference_full: Dict, arch, spec: FoldingSpec, rank: int,
@@ -226,6 +223,15 @@ def _break(trainer, fault: Optional[str]) -> None:
     if fault == "skip-expert-dp-reduce":
         for d in trainer.ddp:
             d.expert_parallel_bucket_groups = []
+    elif fault == "skip-cp-reduce":
+        # Dense gradients reduced over DP alone, as if the CP ranks held whole sequences.
+        from megatron.core import parallel_state as ps
+
+        dp_only = ps.get_data_parallel_group(with_context_parallel=False)
+        for d in trainer.ddp:
+            for bucket_group in d.bucket_groups:
+                bucket_group.data_parallel_group = dp_only
+                bucket_group.intra_distributed_optimizer_instance_group = dp_only
     elif fault == "skip-tp-norm-reduce":
         for param in trainer.params.values():
             if getattr(param, "sequence_parallel", False):
@@ -250,8 +256,9 @@ def _folded_case(rank: int, case: VerifyCase, reference_path: str):
     recipe = case.load_recipe()
     reference = torch.load(reference_path, weights_only=False)
     coords = case.spec.coordinates(rank)["attention"]
-    group = coords["tp"] + case.spec.tp * coords["cp"] if _token_groups(case.spec) > 1 else 0
-    decisions = DropDecisions("replay", groups=1, records=reference["drops"],
+    shards = _sequence_shards(case.spec)
+    group = (coords["tp"] if shards > 1 else 0) + shards * coords["cp"]
+    decisions = DropDecisions("replay", records=reference["drops"],
                               micro_batches=case.micro_batches, dp_rank=coords["dp"], group=group)
     decisions.install()
     routing = case.routing
