@@ -45,9 +45,11 @@ test-mcore019: $(VENV19)/.installed
 
 ci: test test-mcore019
 
-# The "Done when" cases too slow for CI on 2 cores: Megatron's training loop on 8 CPU ranks.
+# The "Done when" cases too slow for CI on 2 cores: Megatron's training loop on 8 CPU ranks and
+# with every CP comm type, and the whole context-parallel verify matrix.
 test-long: $(VENV19)/.installed
-	FOLDING_LONG_TESTS=1 $(VENV19)/bin/python -m pytest -q tests/test_megatron_loop.py -k 8_ranks $(PYTEST_ARGS)
+	FOLDING_LONG_TESTS=1 $(VENV19)/bin/python -m pytest -q tests/test_megatron_loop.py -k "8_ranks or context_parallel_trains" $(PYTEST_ARGS)
+	FOLDING_LONG_TESTS=1 $(VENV19)/bin/python -m pytest -q tests/test_verify_context_parallel.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(VENV19)

@@ -284,3 +284,44 @@ def test_started_per_rank_by_torchrun(tmp_path):
     assert refused.returncode != 0
     lines = [l for l in refused.stderr.splitlines() if l.startswith("folding megatron: error:")]
     assert len(lines) == 1 and "flex" in lines[0]
+
+
+# Context parallelism without Transformer Engine inside Megatron's loop: the reference is the
+# same run without CP (the ranks then hold whole sequences, DP doubles, the global batch stays).
+# CI runs the first; `make test-long` all of them.
+CONTEXT_PARALLEL = {
+    "cp2-p2p_ep4-folded": ["--context-parallel-size", "2", "--cp-comm-type", "p2p", *FOLDED],
+    "cp2-all_gather_ep4": ["--context-parallel-size", "2", "--cp-comm-type", "all_gather"],
+    "cp2-a2a_ep4": ["--context-parallel-size", "2", "--cp-comm-type", "a2a"],
+}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_context_parallel_trains_as_megatron_without_it():
+    needs_megatron_training()
+    experts = ["--expert-model-parallel-size", "4"]
+    reference = losses(train(4, *experts, iterations=10))
+    names = sorted(CONTEXT_PARALLEL) if os.environ.get("FOLDING_LONG_TESTS") else \
+        ["cp2-p2p_ep4-folded"]
+    for name in names:
+        run = train(4, *experts, *CONTEXT_PARALLEL[name], iterations=10)
+        assert any("run context-parallel over CP=2" in line for line in run["plugin"]), name
+        difference = largest_relative_difference(reference, losses(run), range(1, 11))
+        assert difference <= 1e-5, f"{name}: lm loss differs by {difference:.2e} (relative)"
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--cp-comm-type", "ring"], "unknown cp comm type 'ring'"),
+    (["--cp-comm-type", "a2a", "--num-query-groups", "1", "--group-query-attention"],
+     "cp comm type a2a needs num_query_groups per TP rank divisible by CP"),
+])
+def test_a_context_parallel_setting_the_plugin_cannot_run_is_refused_in_one_line(flags, named):
+    needs_megatron_training()
+    from megatron_loop import MODEL, TRAINING
+
+    done = launch(4, MODEL + TRAINING + ["--train-iters", "2", "--context-parallel-size", "2",
+                                         *flags])
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("folding megatron: error:") and named in lines[0]

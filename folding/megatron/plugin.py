@@ -1,6 +1,6 @@
 """The plugin side of the Megatron-LM patches in ``patches/``: what pretrain_gpt.py calls.
 
-This module owns four things and no rule of its own:
+This module owns five things and no rule of its own:
 
 - ``add_arguments(parser)``: the ``--folding-*`` flags on Megatron's argument parser (Megatron's
   ``extra_args_provider`` convention: it takes the parser and returns it).
@@ -9,6 +9,8 @@ This module owns four things and no rule of its own:
 - ``check_mesh(spec)``: once Megatron-LM's ``initialize_megatron`` has built its process
   groups, compare each of them with the pure-Python mesh on every rank
   (``folding.megatron.groups.verify_megatron_groups``, the check ``initialize`` runs too).
+- ``context_parallel_spec(spec, args)``: with CP > 1, the local spec's core attention replaced by
+  ``folding.context_parallel``'s (Megatron's own refuses CP without Transformer Engine).
 - ``folded_decoder_spec(spec, args)``: Megatron's GPT layer or decoder-block spec with every MoE
   layer swapped for ``FoldedMoELayer`` (``folding.dispatcher.moe_layer.folded_layer_spec``),
   experts placed as ``--folding-placement`` says. What the folded dispatcher cannot do under
@@ -172,6 +174,21 @@ def fold(layer_or_block_spec, placement, ordinals, gpus_per_node, num_layers):
                            "layer, but --moe-layer-freq makes some dense; use the decoder block "
                            "spec")
     return folded_layer_spec(layer_or_block_spec, placement, ordinals, gpus_per_node)
+
+
+def context_parallel_spec(layer_or_block_spec, args):
+    """With ``--context-parallel-size`` > 1, Megatron's local core attention (which refuses CP)
+    swapped for ``folding.context_parallel``'s, in a layer spec or every layer of a decoder
+    block spec; Transformer Engine specs, and CP 1, are left as they are."""
+    if getattr(args, "context_parallel_size", 1) <= 1:
+        return layer_or_block_spec
+    from folding.context_parallel.attention import context_parallel_layer_spec
+
+    spec_from_args(args)  # refuses a cp comm type the plugin's attention does not offer
+    if hasattr(layer_or_block_spec, "layer_specs"):
+        return dataclasses.replace(layer_or_block_spec, layer_specs=[
+            context_parallel_layer_spec(s) for s in layer_or_block_spec.layer_specs])
+    return context_parallel_layer_spec(layer_or_block_spec)
 
 
 def folded_decoder_spec(layer_or_block_spec, args):

@@ -7,7 +7,9 @@ main goes through, whatever it does around them:
   ``--folding-*`` group (after the script's own extra-args provider), and the folding is checked
   as soon as Megatron has validated the arguments, before any process group exists;
 - ``GPTModel.__init__``: where a script hands Megatron its layer spec, with
-  ``--folding-dispatcher`` every MoE layer of it becomes ``FoldedMoELayer``; with
+  ``--context-parallel-size`` > 1 its local core attention becomes the plugin's
+  context-parallel one, with ``--folding-dispatcher`` every MoE layer of it becomes
+  ``FoldedMoELayer``; with
   ``--folding-check-mesh`` the first model built on a rank (Megatron has built its groups by
   then, and every rank builds its first chunk together) compares every group with the folded
   mesh.
@@ -49,12 +51,18 @@ def uses_folding(args) -> bool:
 
 
 def check_arguments(args) -> None:
-    """Refuse a bad folding or a flag the folded dispatcher cannot train with (FoldingError).
+    """Refuse a bad folding, a flag the folded dispatcher cannot train with, or a context-parallel
+    setting the plugin's CP attention cannot run (FoldingError).
 
     Needs only validated arguments, so it runs before Megatron builds anything.
     """
     from folding.megatron import plugin
+    from folding.megatron.model import have_transformer_engine
 
+    if getattr(args, "context_parallel_size", 1) > 1 and not (
+            getattr(args, "transformer_impl", "local") == "transformer_engine"
+            and have_transformer_engine()):
+        plugin.spec_from_args(args)  # the plugin's CP attention: its comm types, a2a's heads
     if not uses_folding(args):
         return
     if args.folding_placement and not args.folding_dispatcher:
@@ -104,20 +112,34 @@ class _ModelHook:
             self.mesh_checked = True
             _say(f"> folding: Megatron's process groups equal the folded mesh {spec.describe()} "
                  f"on every rank ({groups} groups on rank 0)")
-        if not getattr(megatron_args, "folding_dispatcher", False):
-            return self.original_init(model, *args, **kwargs)
         bound = self.signature.bind(model, *args, **kwargs)
+        spec = plugin.context_parallel_spec(bound.arguments["transformer_layer_spec"], megatron_args)
+        bound.arguments["transformer_layer_spec"] = spec
+        if not getattr(megatron_args, "folding_dispatcher", False):
+            self.original_init(*bound.args, **bound.kwargs)
+            return self._say_context_parallel(model, megatron_args)
         if self.folding_arguments is None:
             self.folding_arguments = plugin.folded_layer_arguments(megatron_args)
-        spec = bound.arguments["transformer_layer_spec"]
         bound.arguments["transformer_layer_spec"] = plugin.fold(spec, *self.folding_arguments)
         self.original_init(*bound.args, **bound.kwargs)
+        self._say_context_parallel(model, megatron_args)
         from folding.dispatcher.moe_layer import FoldedMoELayer
 
         folded = sum(isinstance(m, FoldedMoELayer) for m in model.modules())
         _say(f"> folding: {folded} MoE layer(s) of this model chunk dispatch through "
              f"FoldedMoELayer, experts placed by "
              f"{megatron_args.folding_placement or 'Megatron contiguous layout'}")
+
+
+    @staticmethod
+    def _say_context_parallel(model, megatron_args) -> None:
+        from folding.context_parallel.attention import ContextParallelAttention
+
+        layers = [m for m in model.modules() if isinstance(m, ContextParallelAttention)]
+        if layers:
+            _say(f"> folding: {len(layers)} attention layer(s) of this model chunk run "
+                 f"context-parallel over CP={megatron_args.context_parallel_size} "
+                 f"({layers[0].cp_comm_type}) without Transformer Engine")
 
 
 def _say(line: str) -> None:
