@@ -90,11 +90,14 @@ def test_checker_fails_on_a_broken_run(reports, fault):
 
 
 @pytest.mark.smoke
-def test_cli_refuses_cp_on_cpu_and_reports_json(tmp_path):
+def test_cli_refuses_a_sequence_cp_cannot_split_and_reports_json(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "folding", "verify", "--tp", "2", "--cp", "2",
-                           "--ep", "4", "--etp", "1"], capture_output=True, text=True)
+                           "--ep", "4", "--etp", "1", "--seq-len", "36"], capture_output=True,
+                          text=True)
     assert proc.returncode == 2
-    assert "CP>1 needs Transformer Engine" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.strip().splitlines() == [
+        "folding verify: error: seq-len=36 is not divisible by 2 x CP x TP = 2 x 2 x 2 = 8 "
+        "(Megatron's load-balanced context-parallel split with sequence parallel)"]
     proc = subprocess.run([sys.executable, "-m", "folding", "verify", "--world-size", "4", "--tp", "2",
                            "--ep", "2", "--etp", "1", "--steps", "2", "--json"],
                           capture_output=True, text=True)
