@@ -6,6 +6,7 @@ import argparse
 
 from folding.commands.common import add_json_argument, print_run, require_folded_for_traffic
 from folding.megatron.model import DISPATCHERS
+from folding.mesh import CP_COMM_TYPES
 from folding.run.train import TrainOptions, TrainSummary
 
 
@@ -13,15 +14,21 @@ def register(sub) -> None:
     p = sub.add_parser(
         "train", help="train a recipe on local CPU ranks (default: tiny-moe on 8 ranks)",
         description="Train a recipe's model with Megatron-Core on local gloo ranks in its folded "
-                    "layout, on the byte-level corpus shipped with the package.")
+                    "layout, on the byte-level corpus shipped with the package. The degree flags "
+                    "replace the recipe's folding (DP and EDP are derived again); with --cp > 1 "
+                    "each sequence is split over the CP ranks by Megatron's load-balanced "
+                    "context-parallel split (see recipe tiny-moe-long).")
     p.add_argument("--recipe", default="tiny-moe", help="recipe name or YAML file")
     p.add_argument("--steps", type=int, help="steps to run now (default: the recipe's train_iters)")
     p.add_argument("--nproc", type=int, help="local ranks (default: the recipe's world size)")
     p.add_argument("--save", metavar="DIR", help="write a full-layout checkpoint at the end")
     p.add_argument("--load", metavar="DIR", help="resume from a checkpoint (any folding)")
     p.add_argument("--log-interval", type=int, help="steps between log lines")
-    for degree in ("tp", "pp", "vpp", "etp", "ep"):
+    for degree in ("tp", "cp", "pp", "vpp", "etp", "ep"):
         p.add_argument(f"--{degree}", type=int, help=f"override the recipe's {degree.upper()}")
+    p.add_argument("--cp-comm-type", choices=CP_COMM_TYPES,
+                   help="override the recipe's context-parallel attention exchange (with --cp > 1; "
+                        "the sequence length must divide by 2 x CP)")
     p.add_argument("--gpus-per-node", type=int, help="override the recipe's ranks per node")
     p.add_argument("--dispatcher", choices=DISPATCHERS, help="override the token dispatcher")
     p.add_argument("--placement", metavar="FILE", help="expert placement (JSON) for --dispatcher folded")
@@ -33,7 +40,8 @@ def register(sub) -> None:
 
 
 def options_from_args(args: argparse.Namespace) -> TrainOptions:
-    folding = {k: getattr(args, k) for k in ("tp", "pp", "vpp", "etp", "ep", "gpus_per_node")
+    folding = {k: getattr(args, k)
+               for k in ("tp", "cp", "pp", "vpp", "etp", "ep", "gpus_per_node", "cp_comm_type")
                if getattr(args, k) is not None}
     routing = {"dispatcher": args.dispatcher} if args.dispatcher else {}
     return TrainOptions(recipe=args.recipe, steps=args.steps, nproc=args.nproc, folding=folding,
@@ -44,8 +52,10 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
 
 def summary_text(s: TrainSummary) -> str:
     last = s.first_step + len(s.losses)
+    cp = s.degrees.get("cp", 1) if s.degrees else 1
+    exchange = f", CP exchange {s.degrees['cp_comm_type']}" if cp > 1 else ""
     lines = [f"trained {s.recipe} for steps {s.first_step + 1}-{last} on {s.world_size} CPU ranks, "
-             f"folding {s.folding}",
+             f"folding {s.folding}{exchange}",
              f"loss {s.first_loss:.3f} -> {s.last_loss:.3f} nats/byte (first step -> mean of the "
              f"last {min(10, len(s.losses))})",
              f"wall time {s.wall_s:.0f} s ({s.train_s:.0f} s training), {s.tokens_per_s:,.0f} tokens/s"]

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from folding.context_parallel.layout import check_sequence_length
 from folding.errors import FoldingError
 from folding.megatron.model import MoERouting
 from folding.mesh import FoldingSpec
@@ -29,7 +30,7 @@ class TrainOptions:
     nproc: Optional[int] = None
     """Local ranks; None means the recipe's world size."""
     folding: Dict[str, object] = field(default_factory=dict)
-    """Degrees that replace the recipe's folding (tp, ep, ...)."""
+    """Degrees that replace the recipe's folding (tp, cp, ep, ..., and cp_comm_type)."""
     routing: Dict[str, object] = field(default_factory=dict)
     """MoERouting fields that replace the recipe's (dispatcher, capacity_factor, ...)."""
     save: Optional[str] = None
@@ -73,6 +74,8 @@ class TrainOptions:
                            num_attention_heads=recipe.model.num_attention_heads,
                            num_query_groups=recipe.model.query_groups)
         training = recipe.training
+        # Each sequence is cut into 2 x CP chunks (and over TP with sequence parallel).
+        check_sequence_length(training.seq_length, spec)
         if self.log_interval:
             training = dataclasses.replace(training, log_interval=self.log_interval)
         if spec.world_size > 64:
@@ -88,6 +91,7 @@ class TrainOptions:
 class TrainSummary:
     recipe: str
     folding: str
+    """The layout in one line (``FoldingSpec.describe``)."""
     world_size: int
     gpus_per_node: int
     first_step: int
@@ -99,6 +103,8 @@ class TrainSummary:
     trace: Optional[str] = None
     traced_tokens: Optional[int] = None
     traffic: Optional[list] = None
+    degrees: Dict[str, object] = field(default_factory=dict)
+    """The resolved folding (``FoldingSpec.degrees``: tp, cp, ..., cp_comm_type)."""
 
     @property
     def first_loss(self) -> float:
@@ -111,10 +117,11 @@ class TrainSummary:
         return sum(tail) / len(tail)
 
     def to_json(self) -> dict:
-        return {"recipe": self.recipe, "folding": self.folding, "world_size": self.world_size,
-                "first_step": self.first_step, "steps": len(self.losses),
-                "first_loss": self.first_loss, "last_loss": self.last_loss,
-                "losses": self.losses, "wall_s": self.wall_s, "tokens_per_s": self.tokens_per_s,
+        return {"recipe": self.recipe, "folding": self.folding, "degrees": self.degrees,
+                "world_size": self.world_size, "first_step": self.first_step,
+                "steps": len(self.losses), "first_loss": self.first_loss,
+                "last_loss": self.last_loss, "losses": self.losses, "wall_s": self.wall_s,
+                "train_s": self.train_s, "tokens_per_s": self.tokens_per_s,
                 "saved": self.saved, "trace": self.trace, "traced_tokens": self.traced_tokens,
                 "traffic": self.traffic}
 
@@ -144,8 +151,11 @@ def _train_rank(rank: int, world: int, options: TrainOptions, recipe: Recipe) ->
     corpus = ByteCorpus(training.data or "folding/data/corpus.txt")
     first = trainer.steps_done
     steps = options.steps if options.steps is not None else max(training.train_iters - first, 0)
+    # The CP (and TP) ranks of a DP rank get the same whole sequences; RankTrainer.step cuts
+    # each CP rank's chunks out of them itself.
     dp_rank = spec.coordinates(rank)["attention"]["dp"]
     per_rank = training.global_batch_size // (training.micro_batch_size * spec.dp)
+    # Every token of the global batch once, however many CP ranks share its sequence.
     tokens_per_step = training.global_batch_size * training.seq_length
     show = rank == 0 and options.progress
     bar = tqdm(total=steps, desc=f"train {recipe.name}", unit="step", disable=not show,
@@ -207,4 +217,5 @@ def train(options: TrainOptions, timeout_s: Optional[float] = None) -> TrainSumm
                         losses=head["losses"], wall_s=time.perf_counter() - started,
                         train_s=head["train_s"], tokens_per_s=head["tokens_per_s"],
                         saved=options.save, trace=options.trace_out,
-                        traced_tokens=head["traced_tokens"], traffic=head["traffic"])
+                        traced_tokens=head["traced_tokens"], traffic=head["traffic"],
+                        degrees=recipe.folding.degrees())
