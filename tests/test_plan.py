@@ -146,6 +146,26 @@ def test_planned_context_parallel_rows_pay_for_their_exchanges():
     assert all(r.time.layers.cp == 0 for r in result.rows if r.spec.cp == 1)
 
 
+def test_the_planner_tries_each_cp_comm_type_the_model_allows():
+    """p2p, all_gather and a2a rows for each CP > 1 layout (a2a only where heads and groups per
+    TP rank divide by CP), each costed with its own bytes; CP 1 rows appear once."""
+    training = TrainingSetup(seq_length=8192, global_batch_size=64)
+    result = plan(MOE, training, H100_SXM, gpus=16, gpus_per_node=8, gpu_memory_gb=80,
+                  micro_batch_sizes=(1,), recompute=("none",), max_cp=4,
+                  cp_comm_types=("p2p", "all_gather", "a2a"))
+    by_layout = {}
+    for row in result.rows:
+        s = row.spec
+        by_layout.setdefault((s.tp, s.cp, s.pp, s.vpp, s.etp, s.ep), {})[s.cp_comm_type] = row
+    for (tp, cp, *_), modes in by_layout.items():
+        if cp == 1:
+            assert set(modes) == {"p2p"}
+            continue
+        a2a_fits = (MOE.num_attention_heads // tp) % cp == 0 and (MOE.query_groups // tp) % cp == 0
+        assert set(modes) == {"p2p", "all_gather"} | ({"a2a"} if a2a_fits else set())
+        assert modes["all_gather"].time.layers.cp != modes["p2p"].time.layers.cp
+
+
 def test_cli_plan_json_and_published_folding(cli):
     code, out, err = cli("plan", "--recipe", "mixtral-8x22b", "--gpus", "128",
                              "--gpus-per-node", "8", "--gpu-mem-gb", "80", "--top", "5", "--json")

@@ -32,6 +32,9 @@ def register(sub) -> None:
     p.add_argument("--recompute", default=",".join(RECOMPUTE_OPTIONS),
                    help="recompute options to try, comma-separated (none, selective, full)")
     p.add_argument("--max-cp", type=int, default=8, help="largest context-parallel size to try")
+    p.add_argument("--cp-comm-types", default="p2p",
+                   help="context-parallel exchanges to try with CP > 1, comma-separated among "
+                        "p2p, all_gather and a2a (default: p2p)")
     p.add_argument("--top", type=int, default=10, help="foldings to list (default 10)")
     add_json_argument(p)
     p.set_defaults(handler=run)
@@ -45,6 +48,16 @@ def _ints(text: str, flag: str):
     if not values or min(values) < 1:
         raise FoldingError(f"{flag} {text!r}: expected positive integers")
     return values
+
+
+def _cp_comm_types(text: str):
+    from folding.mesh import CP_COMM_TYPES
+
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in CP_COMM_TYPES]
+    if unknown or not modes:
+        raise FoldingError(f"--cp-comm-types {text!r}: use {', '.join(CP_COMM_TYPES)}")
+    return modes
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         progress = lambda items: tqdm(items, desc="costing foldings", unit="folding", file=sys.stderr)
     result = plan(recipe.model, training, hw, args.gpus, args.gpus_per_node, args.gpu_mem_gb,
                   micro_batch_sizes=_ints(args.mbs, "--mbs"), recompute=recompute,
-                  max_cp=args.max_cp, progress=progress)
+                  max_cp=args.max_cp, progress=progress,
+                  cp_comm_types=_cp_comm_types(args.cp_comm_types))
     ranked = result.foldings_ranked()
     if not ranked:
         raise FoldingError(f"no folding of {recipe.name} fits in {args.gpu_mem_gb:g} GB on "
@@ -94,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     rows = []
     for i, row in enumerate(ranked[:args.top], 1):
         s = row.spec
-        rows.append([i, s.tp, s.cp, s.dp, s.pp, s.vpp or 1, "|", s.etp, s.ep, s.edp,
+        cp = s.cp if s.cp == 1 else f"{s.cp} {s.cp_comm_type}"
+        rows.append([i, s.tp, cp, s.dp, s.pp, s.vpp or 1, "|", s.etp, s.ep, s.edp,
                      row.micro_batch_size, row.recompute, f"{row.time.total:.3f}",
                      f"{row.time.tflops_per_gpu:.0f}", f"{100 * row.time.mfu:.1f}",
                      f"{row.memory_gb:.1f}"])

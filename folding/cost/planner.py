@@ -52,8 +52,10 @@ def _with_vpp(spec: FoldingSpec, vpp: Optional[int]) -> FoldingSpec:
 
 def enumerate_foldings(arch: ModelArch, gpus: int, gpus_per_node: int, seq_length: int,
                        max_tp: Optional[int] = None, max_cp: int = 8,
-                       order: str = DEFAULT_ORDER) -> Iterator[FoldingSpec]:
-    """Every legal folding of ``arch`` on ``gpus`` GPUs within the planner's search space."""
+                       order: str = DEFAULT_ORDER,
+                       cp_comm_types: Sequence[str] = ("p2p",)) -> Iterator[FoldingSpec]:
+    """Every legal folding of ``arch`` on ``gpus`` GPUs within the planner's search space; with
+    CP > 1, one per context-parallel comm type in ``cp_comm_types`` that the model allows."""
     max_tp = max_tp or gpus_per_node
     heads, groups, layers = arch.num_attention_heads, arch.query_groups, arch.num_layers
     experts = arch.num_experts
@@ -74,15 +76,17 @@ def enumerate_foldings(arch: ModelArch, gpus: int, gpus_per_node: int, seq_lengt
                         # with EP = 1 an expert TP different from TP would sync them wrongly.
                         if gpus % (etp * ep * pp) or (ep == 1 and etp != tp):
                             continue
-                        try:
-                            base = FoldingSpec(world_size=gpus, tp=tp, cp=cp, pp=pp, etp=etp, ep=ep,
-                                               order=order, gpus_per_node=gpus_per_node,
-                                               num_experts=experts, num_layers=layers,
-                                               num_attention_heads=heads, num_query_groups=groups)
-                        except InvalidFolding:
-                            continue
-                        for vpp in vpps:
-                            yield _with_vpp(base, vpp)
+                        for mode in (cp_comm_types if cp > 1 else ("p2p",)):
+                            try:
+                                base = FoldingSpec(world_size=gpus, tp=tp, cp=cp, pp=pp, etp=etp,
+                                                   ep=ep, order=order, gpus_per_node=gpus_per_node,
+                                                   num_experts=experts, num_layers=layers,
+                                                   num_attention_heads=heads,
+                                                   num_query_groups=groups, cp_comm_type=mode)
+                            except InvalidFolding:
+                                continue
+                            for vpp in vpps:
+                                yield _with_vpp(base, vpp)
 
 
 @dataclass(frozen=True)
@@ -154,7 +158,8 @@ def same_degrees(spec: FoldingSpec, **degrees) -> bool:
 def plan(arch: ModelArch, training: TrainingSetup, hw: HardwareProfile, gpus: int,
          gpus_per_node: int, gpu_memory_gb: float, micro_batch_sizes: Sequence[int] = (1, 2, 4),
          recompute: Sequence[str] = RECOMPUTE_OPTIONS, max_cp: int = 8,
-         options: ActivationOptions = ActivationOptions(), progress=None) -> Plan:
+         options: ActivationOptions = ActivationOptions(), progress=None,
+         cp_comm_types: Sequence[str] = ("p2p",)) -> Plan:
     """Cost every legal folding; keep those whose peak rank fits in ``gpu_memory_gb``."""
     if gpus < 1 or gpus_per_node < 1:
         raise FoldingError("--gpus and --gpus-per-node must be positive")
@@ -163,7 +168,8 @@ def plan(arch: ModelArch, training: TrainingSetup, hw: HardwareProfile, gpus: in
     params = ParameterModel(arch, training.seq_length)
     acts = ActivationModel(arch, training, options)
     timer = StepTimeModel(arch, training, hw, params, acts)
-    foldings = list(enumerate_foldings(arch, gpus, gpus_per_node, training.seq_length, max_cp=max_cp))
+    foldings = list(enumerate_foldings(arch, gpus, gpus_per_node, training.seq_length, max_cp=max_cp,
+                                       cp_comm_types=cp_comm_types))
     rows: List[PlanRow] = []
     evaluated = rejected = 0
     spans_cache: Dict[tuple, Dict] = {}
