@@ -47,6 +47,16 @@ def _chunk_positions(chunk_index: int, chunk: int, device) -> Tensor:
     return torch.arange(chunk_index * chunk, (chunk_index + 1) * chunk, device=device)
 
 
+def _keep_for_backward(ctx, tensors, group, scale, counter) -> None:
+    """What p2p and all_gather keep: this rank's q, k, v, output and log-sum-exp, no more."""
+    ctx.save_for_backward(*tensors)
+    ctx.group, ctx.scale, ctx.counter = group, scale, counter
+
+
+def _kept_for_backward(ctx):
+    return ctx.saved_tensors, ctx.group, ctx.scale, ctx.counter
+
+
 # ---------------------------------------------------------------------------------- p2p ring
 def _ring_blocks(cp: int, rank: int, src: int, chunk: int):
     """(query half, key half, diagonal) for every pair of chunks with visible keys: query chunk
@@ -78,14 +88,12 @@ class _RingAttention(torch.autograd.Function):
                 kv = shift.wait()
         out = to_megatron_layout(torch.cat(outs, dim=2), q.dtype)
         lse = torch.cat(lses, dim=2)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.scale, ctx.counter = group, scale, counter
+        _keep_for_backward(ctx, (q, k, v, out, lse), group, scale, counter)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        group, scale, counter = ctx.group, ctx.scale, ctx.counter
+        (q, k, v, out, lse), group, scale, counter = _kept_for_backward(ctx)
         cp, rank = _group_size_rank(group)
         chunk = q.shape[0] // 2
         diagonal = _chunk_positions(0, chunk, q.device)
@@ -154,14 +162,12 @@ class _GatherAttention(torch.autograd.Function):
         q_pos = k_pos.view(cp, -1)[rank]
         out_h, lse = _attend(q, k_all, v_all, q_pos, k_pos, scale, piece=seq // (2 * cp))
         out = to_megatron_layout(out_h, q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.scale, ctx.counter = group, scale, counter
+        _keep_for_backward(ctx, (q, k, v, out, lse), group, scale, counter)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        group, scale, counter = ctx.group, ctx.scale, ctx.counter
+        (q, k, v, out, lse), group, scale, counter = _kept_for_backward(ctx)
         cp, rank = _group_size_rank(group)
         seq = q.shape[0] * cp
         k_all, v_all, k_pos = _gather_kv(k, v, group, counter, "backward")
