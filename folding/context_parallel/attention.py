@@ -115,7 +115,8 @@ class _RingAttention(torch.autograd.Function):
                 dkv_step[0, ks] += dk_b.permute(2, 0, 1, 3)
                 dkv_step[1, ks] += dv_b.permute(2, 0, 1, 3)
             dkv = (dkv.float() + dkv_step).to(kv.dtype)
-            dkv = RingShift(dkv, group, counter, "backward", "dkv").wait()
+            if cp > 1:  # a ring of one rank: the accumulator is already home
+                dkv = RingShift(dkv, group, counter, "backward", "dkv").wait()
             if shift is not None:
                 kv = shift.wait()
         return to_megatron_layout(dq, q.dtype), dkv[0], dkv[1], None, None, None
@@ -234,16 +235,18 @@ class _LocalAttention(torch.autograd.Function):
     """Causal attention over the whole gathered sequence for this rank's heads."""
 
     @staticmethod
-    def forward(ctx, q, k, v, positions, scale, piece):
+    def forward(ctx, q, k, v, cp, scale, piece):
+        positions = gathered_positions(q.shape[0], cp).to(q.device)
         out_h, lse = _attend(q, k, v, positions, positions, scale, piece)
         out = to_megatron_layout(out_h, q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse, positions)
-        ctx.scale, ctx.piece = scale, piece
+        ctx.save_for_backward(q, k, v, out, lse)  # the positions are recomputed, not kept
+        ctx.cp, ctx.scale, ctx.piece = cp, scale, piece
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, positions = ctx.saved_tensors
+        q, k, v, out, lse = ctx.saved_tensors
+        positions = gathered_positions(q.shape[0], ctx.cp).to(q.device)
         dq, dk, dv = _attend_backward(_heads_first(dout), _heads_first(out), lse, q, k, v,
                                       positions, positions, ctx.scale, ctx.piece)
         return (to_megatron_layout(dq, q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None)
@@ -255,8 +258,7 @@ def _ulysses(q, k, v, group, scale, counter):
     qf = _SequenceGather.apply(q, group, counter, "q")
     kf = _SequenceGather.apply(k, group, counter, "k")
     vf = _SequenceGather.apply(v, group, counter, "v")
-    positions = gathered_positions(seq, cp).to(q.device)
-    out = _LocalAttention.apply(qf, kf, vf, positions, scale, seq // (2 * cp))
+    out = _LocalAttention.apply(qf, kf, vf, cp, scale, seq // (2 * cp))
     return _HeadGather.apply(out, group, counter, "out")
 
 
