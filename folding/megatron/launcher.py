@@ -151,6 +151,9 @@ def run_rank(script: str, argv: Sequence[str], cpu: bool) -> int:
     except FoldingError as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"folding megatron: error: {e}", file=sys.stderr, flush=True)
+        else:
+            # torchrun stops every rank as soon as one exits: let rank 0 say why first.
+            time.sleep(5)
         return 2
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
