@@ -189,31 +189,21 @@ def _gather_kv(k, v, group, counter, phase):
 
 
 # ------------------------------------------------------------------------------ a2a (Ulysses)
-class _SequenceGather(torch.autograd.Function):
-    """[L, b, n, d] on each rank -> [CP x L, b, n / CP, d]: the whole sequence, in CP-rank
-    order, for this rank's n / CP heads."""
+class _Regroup(torch.autograd.Function):
+    """The a2a exchange and its inverse. ``to_sequence``: [L, b, n, d] on each rank ->
+    [CP x L, b, n / CP, d], the whole sequence in CP-rank order for this rank's n / CP heads;
+    otherwise back. The backward pass is the other direction."""
 
     @staticmethod
-    def forward(ctx, x, group, counter, what):
-        ctx.group, ctx.counter, ctx.what = group, counter, what
-        return _sequence_gather(x, group, counter, "forward", what)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _head_gather(grad, ctx.group, ctx.counter, "backward", ctx.what), None, None, None
-
-
-class _HeadGather(torch.autograd.Function):
-    """The inverse of ``_SequenceGather``."""
-
-    @staticmethod
-    def forward(ctx, x, group, counter, what):
-        ctx.group, ctx.counter, ctx.what = group, counter, what
-        return _head_gather(x, group, counter, "forward", what)
+    def forward(ctx, x, to_sequence, group, counter, what):
+        ctx.to_sequence, ctx.group, ctx.counter, ctx.what = to_sequence, group, counter, what
+        regroup = _sequence_gather if to_sequence else _head_gather
+        return regroup(x, group, counter, "forward", what)
 
     @staticmethod
     def backward(ctx, grad):
-        return _sequence_gather(grad, ctx.group, ctx.counter, "backward", ctx.what), None, None, None
+        regroup = _head_gather if ctx.to_sequence else _sequence_gather
+        return regroup(grad, ctx.group, ctx.counter, "backward", ctx.what), None, None, None, None
 
 
 def _sequence_gather(x, group, counter, phase, what):
@@ -255,11 +245,11 @@ class _LocalAttention(torch.autograd.Function):
 def _ulysses(q, k, v, group, scale, counter):
     cp = _group_size_rank(group)[0]
     seq = q.shape[0] * cp
-    qf = _SequenceGather.apply(q, group, counter, "q")
-    kf = _SequenceGather.apply(k, group, counter, "k")
-    vf = _SequenceGather.apply(v, group, counter, "v")
+    qf = _Regroup.apply(q, True, group, counter, "q")
+    kf = _Regroup.apply(k, True, group, counter, "k")
+    vf = _Regroup.apply(v, True, group, counter, "v")
     out = _LocalAttention.apply(qf, kf, vf, cp, scale, seq // (2 * cp))
-    return _HeadGather.apply(out, group, counter, "out")
+    return _Regroup.apply(out, False, group, counter, "out")
 
 
 def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group, mode: str = "p2p",
