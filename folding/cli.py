@@ -13,7 +13,7 @@ from typing import List, Optional
 
 from folding.errors import FoldingError
 
-COMMANDS = ("mesh", "verify", "plan", "mfu", "flags", "train", "place", "trace", "megatron", "checkpoint")
+COMMANDS = ("mesh", "verify", "plan", "predict", "mfu", "flags", "train", "place", "trace", "megatron", "checkpoint")
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -187,3 +187,26 @@ def test_cli_plan_errors_are_one_line(cli):
     code, _, err = cli("plan", "--recipe", "mixtral-8x22b", "--gpus", "128",
                            "--gpus-per-node", "8", "--gpu-mem-gb", "80", "--recompute", "sometimes")
     assert code == 2 and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("name, gpus", [
+    ("mixtral-8x22b", 128),
+    pytest.param("qwen2-57b-a14b", 64, marks=pytest.mark.xfail(
+        strict=True, reason="with the stored fit the published folding ranks 6th and the top "
+                            "(TP4 EP2) is predicted 3.7% faster: target not met, see "
+                            "docs/calibration.md")),
+])
+def test_published_folding_is_near_the_top_of_the_calibrated_ranking(name, gpus):
+    """The paper's folding (4K, GBS 256, 80 GB) ranks in the top 3, or the top folding is
+    predicted within 3% of it."""
+    from folding.cost.planner import same_degrees
+    from folding.recipe import load_recipe
+
+    r = load_recipe(name)
+    f = r.folding
+    result = plan(r.model, r.training, H100_SXM, gpus, 8, 80)
+    rank = result.rank_of(lambda row: same_degrees(row.spec, tp=f.tp, cp=f.cp, pp=f.pp, vpp=f.vpp,
+                                                   etp=f.etp, ep=f.ep))
+    ranked = result.foldings_ranked()
+    assert rank is not None
+    assert rank <= 3 or ranked[rank - 1].time.total <= 1.03 * ranked[0].time.total

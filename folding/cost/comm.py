@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -88,15 +88,18 @@ def all_reduce_time(total_bytes: float, span: Span, hw: HardwareProfile) -> floa
     return 2 * all_gather_time(total_bytes, span, hw)
 
 
-def all_to_all_time(bytes_per_rank: float, span: Span, hw: HardwareProfile) -> float:
+def all_to_all_time(bytes_per_rank: float, span: Span, hw: HardwareProfile,
+                    nvlink_efficiency: Optional[float] = None,
+                    network_efficiency: Optional[float] = None) -> float:
     """All-to-all in which each rank sends ``bytes_per_rank`` spread evenly over the group: the
-    share for ranks on the same node goes over NVLink, the rest through the rank's adapter."""
+    share for ranks on the same node goes over NVLink, the rest through the rank's adapter.
+    The efficiencies (fractions of the link rates) default to the profile's."""
     n = span.size
     if n <= 1:
         return 0.0
     local = min(span.ranks_per_node, n)
-    nvlink = hw.nvlink_gbps * hw.nvlink_efficiency * 1e9
-    network = hw.network_gbps * hw.network_efficiency * 1e9
+    nvlink = hw.nvlink_gbps * (nvlink_efficiency or hw.nvlink_efficiency) * 1e9
+    network = hw.network_gbps * (network_efficiency or hw.network_efficiency) * 1e9
     intra = bytes_per_rank * (local - 1) / n / nvlink
     inter = bytes_per_rank * (n - local) / n / network if span.nodes > 1 else 0.0
     return latency(span, hw) * (n - 1) + max(intra, inter)

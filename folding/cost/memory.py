@@ -39,7 +39,9 @@ from folding.layout.parameters import (ParamCounts, ParameterModel, ParamTensor,
 from folding.mesh import FoldingSpec
 from folding.recipe import ModelArch, TrainingSetup
 
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+# Bytes of an activation element. FP8 training (Transformer Engine) casts GEMM operands to FP8
+# inside each layer but keeps activations, weights and gradients in BF16: 2 bytes, as BF16.
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 2}
 GiB = 1024 ** 3
 
 
@@ -58,10 +60,11 @@ class StateBytes:
 def state_bytes(precision: str) -> StateBytes:
     """The one place that says how many bytes each training state takes per element."""
     if precision not in DTYPE_BYTES:
-        raise FoldingError(f"unknown precision {precision!r}; use bf16, fp16 or fp32")
+        raise FoldingError(f"unknown precision {precision!r}; use bf16, fp8, fp16 or fp32")
     if precision == "fp32":
         # The optimizer updates fp32 weights in place: only the two moments are extra.
         return StateBytes(param=4, grad=4, optimizer=8)
+    # bf16, fp16, and fp8 (BF16 weights with FP8 GEMMs; no --fp8-param-gather)
     return StateBytes(param=2, grad=4, optimizer=12)
 
 

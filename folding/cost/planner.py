@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 from folding.cost import comm
+from folding.cost.calibration import FITTED, Calibration
 from folding.cost.hardware import HardwareProfile
 from folding.cost.memory import ActivationModel, ActivationOptions, RankMemory, peak_memory
 from folding.cost.step_time import StepTime, StepTimeModel
@@ -159,15 +160,19 @@ def plan(arch: ModelArch, training: TrainingSetup, hw: HardwareProfile, gpus: in
          gpus_per_node: int, gpu_memory_gb: float, micro_batch_sizes: Sequence[int] = (1, 2, 4),
          recompute: Sequence[str] = RECOMPUTE_OPTIONS, max_cp: int = 8,
          options: ActivationOptions = ActivationOptions(), progress=None,
-         cp_comm_types: Sequence[str] = ("p2p",)) -> Plan:
-    """Cost every legal folding; keep those whose peak rank fits in ``gpu_memory_gb``."""
+         cp_comm_types: Sequence[str] = ("p2p",),
+         calibration: Optional[Calibration] = FITTED) -> Plan:
+    """Cost every legal folding; keep those whose peak rank fits in ``gpu_memory_gb``.
+
+    Step times come from ``StepTimeModel`` with ``calibration`` (the stored fit by default, the
+    same model ``folding predict`` uses; None: the profile's uncalibrated roofline)."""
     if gpus < 1 or gpus_per_node < 1:
         raise FoldingError("--gpus and --gpus-per-node must be positive")
     hw = replace(hw, gpus_per_node=gpus_per_node)
     budget = gpu_memory_gb * 1e9 - hw.reserved_gb * 1e9
     params = ParameterModel(arch, training.seq_length)
     acts = ActivationModel(arch, training, options)
-    timer = StepTimeModel(arch, training, hw, params, acts)
+    timer = StepTimeModel(arch, training, hw, params, acts, calibration)
     foldings = list(enumerate_foldings(arch, gpus, gpus_per_node, training.seq_length, max_cp=max_cp,
                                        cp_comm_types=cp_comm_types))
     rows: List[PlanRow] = []

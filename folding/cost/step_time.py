@@ -27,6 +27,13 @@ Communication, per layer and micro-batch, forward and backward:
   overlaps them.
 
 The optimizer step is charged as HBM traffic over the rank's shard.
+
+What a real cluster reaches of the datasheet rates comes from a ``Calibration``
+(``folding.cost.calibration``): GEMM efficiency by shape, attention efficiency, FP8 GEMM
+efficiency, all-to-all bandwidth inside and across nodes, the routing imbalance of the busiest
+EP rank, per-layer and per-MoE-layer overheads, and CP ring overlap. Without one the model is
+the uncalibrated roofline of the profile's assumptions (``Calibration.from_profile``);
+``folding plan`` and ``folding predict`` use the stored fit ``FITTED``.
 """
 
 from __future__ import annotations
@@ -35,9 +42,11 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 from folding.cost import comm
+from folding.cost.calibration import Calibration
 from folding.cost.context_parallel import exchange_bytes
 from folding.cost.flops import layer_flops, training_flops
 from folding.cost.hardware import HardwareProfile
+from folding.errors import FoldingError
 from folding.cost.memory import (DTYPE_BYTES, ActivationModel, num_microbatches, sharding_degrees,
                                  state_bytes)
 from folding.layout.parameters import ParameterModel, padded_vocab_size
@@ -60,17 +69,20 @@ class LayerTime:
     tp: float
     cp: float
     ep: float
+    overhead: float = 0.0
+    """Launch and synchronisation time no rate explains (the calibration's overheads)."""
 
     @property
     def total(self) -> float:
-        return self.compute + self.tp + self.cp + self.ep
+        return self.compute + self.tp + self.cp + self.ep + self.overhead
 
     def __add__(self, other: "LayerTime") -> "LayerTime":
         return LayerTime(self.compute + other.compute, self.tp + other.tp, self.cp + other.cp,
-                         self.ep + other.ep)
+                         self.ep + other.ep, self.overhead + other.overhead)
 
     def scaled(self, factor: float) -> "LayerTime":
-        return LayerTime(self.compute * factor, self.tp * factor, self.cp * factor, self.ep * factor)
+        return LayerTime(self.compute * factor, self.tp * factor, self.cp * factor, self.ep * factor,
+                         self.overhead * factor)
 
 
 @dataclass(frozen=True)
@@ -90,6 +102,8 @@ class StepTime:
     """Megatron-convention FLOPs of the iteration."""
     world_size: int
     peak_tflops: float
+    heads: float = 0.0
+    """Per micro-batch on the slowest stage: embedding and output layers."""
 
     @property
     def tflops_per_gpu(self) -> float:
@@ -103,7 +117,8 @@ class StepTime:
         return {"pipeline": self.pipeline, "bubble": self.bubble, "p2p": self.p2p, "dp": self.dp,
                 "optimizer": self.optimizer, "compute_per_microbatch": self.layers.compute,
                 "tp_per_microbatch": self.layers.tp, "cp_per_microbatch": self.layers.cp,
-                "ep_per_microbatch": self.layers.ep}
+                "ep_per_microbatch": self.layers.ep,
+                "overhead_per_microbatch": self.layers.overhead}
 
 
 class StepTimeModel:
@@ -111,8 +126,21 @@ class StepTimeModel:
 
     def __init__(self, arch: ModelArch, training: TrainingSetup, hw: HardwareProfile,
                  parameter_model: Optional[ParameterModel] = None,
-                 activation_model: Optional[ActivationModel] = None):
+                 activation_model: Optional[ActivationModel] = None,
+                 calibration: Optional[Calibration] = None, ep_overlap: bool = False):
         self.arch, self.training, self.hw = arch, training, hw
+        self.cal = calibration or Calibration.from_profile(hw)
+        self.ep_overlap = ep_overlap
+        """Megatron's --overlap-moe-expert-parallel-comm: one micro-batch's all-to-all runs
+        under another's compute (1F1B with merged forward and backward), so only what exceeds
+        the layer's compute shows."""
+        gemm_peak = hw.peak_tflops
+        self._fp8 = training.precision == "fp8"
+        if self._fp8:
+            if not hw.peak_fp8_tflops:
+                raise FoldingError(f"{hw.name} has no FP8 tensor cores: use --precision bf16")
+            gemm_peak = hw.peak_fp8_tflops * self.cal.fp8_gemm_efficiency
+        self._gemm_rate = gemm_peak * 1e12 * self.cal.gemm_efficiency
         self.params = parameter_model or ParameterModel(arch, training.seq_length)
         self.acts = activation_model or ActivationModel(arch, training)
         self.a = DTYPE_BYTES[training.precision]
@@ -125,9 +153,17 @@ class StepTimeModel:
         """Forward time of ``count`` GEMMs (m x k) @ (k x n): roofline of FLOPs and traffic."""
         if m <= 0 or n <= 0 or k <= 0:
             return 0.0
-        flops = 2.0 * m * n * k / (self.hw.peak_tflops * 1e12 * self.hw.gemm_efficiency)
+        rate = self._gemm_rate
+        half = self.cal.gemm_half_dim
+        if half:
+            smallest = min(m, n, k)
+            rate *= smallest / (smallest + half)
+        flops = 2.0 * m * n * k / rate
         traffic = (m * k + k * n + m * n) * self.a / (self.hw.hbm_gbps * 1e9)
-        return count * max(flops, traffic)
+        cast = 0.0
+        if self._fp8:  # the operands' casts to FP8 run as separate memory-bound kernels
+            cast = self.cal.fp8_cast_bytes * (m * k + k * n) / (self.hw.hbm_gbps * 1e9)
+        return count * (max(flops, traffic) + cast)
 
     def _attention_forward(self, T: float, tp: int) -> float:
         arch, h = self.arch, self.arch.hidden_size
@@ -170,14 +206,18 @@ class StepTimeModel:
         # Megatron's causal core-attention FLOPs (forward third) for this rank's queries, on
         # key blocks of seq / (2 CP) tokens with context parallelism (load-balanced halves).
         block = seq / (2 * cp) if cp > 1 else seq
-        efficiency = hw.attention_efficiency * block / (block + hw.attention_half_efficiency_tokens)
+        efficiency = self.cal.attention_efficiency * block / (block + hw.attention_half_efficiency_tokens)
         core = (self.flops.attention_core_per_position / 3 * T * seq / tp
                 / (hw.peak_tflops * 1e12 * efficiency))
+        imbalance = 1.0
         if is_moe:
+            imbalance = 1.0 + self.cal.routing_imbalance * (1.0 - 1.0 / spec.ep)
             experts_here = arch.num_experts // spec.ep
             per_expert = shape.expert_tokens / experts_here
             mlp = self._gemm(t, arch.num_experts, h)                                  # router
-            mlp += self._mlp_forward(per_expert, arch.expert_ffn_hidden_size, spec.etp, experts_here)
+            # the busiest EP rank's experts receive `imbalance` times the mean tokens
+            mlp += imbalance * self._mlp_forward(per_expert, arch.expert_ffn_hidden_size, spec.etp,
+                                                 experts_here)
             if arch.moe_shared_expert_intermediate_size:
                 mlp += self._mlp_forward(T, arch.moe_shared_expert_intermediate_size, tp)
         else:
@@ -205,11 +245,19 @@ class StepTimeModel:
         if is_moe:
             moe_passes = 3 if recompute == "full" else 2
             tokens_out = t * arch.moe_router_topk * h * a
-            ep_time = moe_passes * 2 * comm.all_to_all_time(tokens_out, spans[("moe", "ep")], hw)
+            ep_time = moe_passes * 2 * imbalance * comm.all_to_all_time(
+                tokens_out, spans[("moe", "ep")], hw, self.cal.a2a_nvlink_efficiency,
+                self.cal.a2a_network_efficiency)
             if spec.etp > 1:
-                ep_time += moe_passes * 2 * comm.all_gather_time(
+                ep_time += moe_passes * 2 * imbalance * comm.all_gather_time(
                     shape.expert_tokens * h * a, spans[("moe", "etp")], hw)
-        return LayerTime(compute=compute, tp=tp_time, cp=cp_time, ep=ep_time)
+        if is_moe and self.ep_overlap:
+            ep_time = max(0.0, ep_time - compute)
+        overhead = self.cal.layer_overhead_us + (self.cal.moe_overhead_us if is_moe else 0.0)
+        if recompute == "full":  # the forward's launches once more (a third of the layer's)
+            overhead *= 4 / 3
+        return LayerTime(compute=compute, tp=tp_time, cp=cp_time, ep=ep_time,
+                         overhead=overhead * 1e-6)
 
     def _cp_time(self, spec: FoldingSpec, span: comm.Span, mbs: int, recompute: str,
                  core: float) -> float:
@@ -247,10 +295,12 @@ class StepTimeModel:
         if mode == "p2p":
             crosses = span.nodes > 1
             kv = moved.forward // (cp - 1)
-            block = core / cp
+            block = core / cp * self.cal.cp_overlap
             first = comm.latency(span, hw)
-            forward = first + (cp - 1) * max(0.0, comm.p2p_time(kv, crosses, hw) - block)
-            backward = (first + (cp - 1) * max(0.0, comm.p2p_time(2 * kv, crosses, hw) - 2 * block)
+            hop = self.cal.cp_hop_overhead_us * 1e-6
+            forward = first + (cp - 1) * (hop + max(0.0, comm.p2p_time(kv, crosses, hw) - block))
+            backward = (first + (cp - 1) * (hop + max(0.0, comm.p2p_time(2 * kv, crosses, hw)
+                                                       - 2 * block))
                         + comm.p2p_time(moved.backward - 2 * (cp - 1) * kv, crosses, hw))
         elif mode == "all_gather":
             # a ring all-gather of CP blocks sends CP-1 of them: the forward bytes
@@ -288,7 +338,7 @@ class StepTimeModel:
     def stage_layer_time(self, spec: FoldingSpec, spans: Dict, pp_rank: int, mbs: int,
                          recompute: str) -> Tuple[LayerTime, float]:
         """All chunks of one pipeline rank for one micro-batch: layers and end-stage heads."""
-        total = LayerTime(0.0, 0.0, 0.0, 0.0)
+        total = LayerTime(0.0, 0.0, 0.0, 0.0, 0.0)
         moe, dense = self.params.rank_layer_kinds(spec.pp, spec.vpp, pp_rank)
         if moe:
             total = total + self.layer_time(spec, spans, True, mbs, recompute).scaled(moe)
@@ -351,4 +401,4 @@ class StepTimeModel:
         total = pipeline + p2p + dp + optimizer
         return StepTime(total=total, pipeline=pipeline, bubble=bubble, p2p=p2p, dp=dp,
                         optimizer=optimizer, layers=layers, model_flops=self.model_flops(spec.tp),
-                        world_size=spec.world_size, peak_tflops=hw.peak_tflops)
+                        world_size=spec.world_size, peak_tflops=hw.peak_tflops, heads=heads)
