@@ -4,11 +4,26 @@ import math
 
 import torch
 
-from folding.dispatcher.send_plan import (SlotMap, _greedy_least_loaded, choose_replicas,
-                                          expand_received, plan_sends)
+from folding.dispatcher.send_plan import (SlotMap, _greedy_least_loaded, choose_slots,
+                                          count_sends, expand_received, plan_rows)
 
 # Ranks 0,1 on node 0 and ranks 2,3 on node 1; 3 slots per rank.
 SLOTS = SlotMap(torch.tensor([2, 1, 1, 3, 6, 2, 0, 5, 3, 4, 7, 4]), 3, torch.tensor([0, 0, 1, 1]))
+
+
+def choose_replicas(routing_map, slots, own_rank):
+    """[T, E]: the slot serving each routed pair, -1 elsewhere (a test-side view of the choice)."""
+    slot_routed = choose_slots(routing_map, slots, own_rank)
+    chosen = torch.full(routing_map.shape, -1, dtype=torch.long)
+    token, slot = torch.nonzero(slot_routed, as_tuple=True)
+    chosen[token, slots.slot_expert[slot]] = slot
+    assert slot_routed.sum() == routing_map.sum(), "one slot per routed pair"
+    return slot_routed, chosen
+
+
+def plan(slot_routed, per_rank, ranks):
+    sends = count_sends(slot_routed, per_rank, ranks)
+    return sends, plan_rows(sends, slot_routed, int(sends.counts[:, 0].sum()))
 
 
 def routing(rows):
@@ -19,7 +34,7 @@ def routing(rows):
 
 
 def test_replica_rule_by_hand():
-    chosen = choose_replicas(routing([[1, 2], [3, 5], [2, 4], [4], [0, 7], [3, 4]]), SLOTS, own_rank=2)
+    _, chosen = choose_replicas(routing([[1, 2], [3, 5], [2, 4], [4], [0, 7], [3, 4]]), SLOTS, own_rank=2)
     # token 0: expert 1 has slots 1, 2 (rank 0): least loaded, lowest slot -> 1; expert 2 then
     #          prefers slot 0 on rank 0, where the token already goes.
     assert chosen[0, 1] == 1 and chosen[0, 2] == 0
@@ -37,7 +52,7 @@ def test_every_routed_pair_gets_a_slot_of_its_expert():
     m = torch.zeros(200, 8, dtype=torch.bool)
     m.scatter_(1, torch.multinomial(torch.ones(200, 8), 3, generator=g), True)
     for own in range(4):
-        chosen = choose_replicas(m, SLOTS, own)
+        _, chosen = choose_replicas(m, SLOTS, own)
         assert ((chosen >= 0) == m).all()
         assert (SLOTS.slot_expert[chosen[m]] == torch.nonzero(m)[:, 1]).all()
 
@@ -56,15 +71,18 @@ def test_greedy_least_loaded_matches_one_at_a_time():
 def test_deduplicated_plan_sends_each_token_once_per_rank():
     identity = SlotMap(torch.arange(8), 2, torch.tensor([0, 0, 1, 1]))
     m = routing([[0, 1], [0, 2], [5, 7], [6, 7]])
-    chosen = choose_replicas(m, identity, own_rank=0)
-    plan = plan_sends(chosen, 2, 4)
+    slot_routed, _ = choose_replicas(m, identity, own_rank=0)
+    sends, rows = plan(slot_routed, 2, 4)
     # token 0 -> rank 0 once (experts 0 and 1 both there); token 1 -> ranks 0, 1;
     # token 2 -> ranks 2, 3; token 3 -> rank 3 once.
-    assert plan.send_counts.tolist() == [2, 1, 1, 2]
-    assert plan.row_token.tolist() == [0, 1, 1, 2, 2, 3]
-    # Rows are grouped by destination; each pair points at its row and local slot.
-    assert plan.pair_row.tolist() == [0, 0, 1, 2, 3, 4, 5, 5]
-    assert plan.pair_local_slot.tolist() == [0, 1, 0, 0, 1, 1, 0, 1]
+    assert sends.counts[:, 0].tolist() == [2, 1, 1, 2]
+    # Pairs per destination local slot travel with the row counts.
+    assert sends.counts[:, 1:].tolist() == [[2, 1], [1, 0], [0, 1], [1, 2]]
+    assert rows.row_token.tolist() == [0, 1, 1, 2, 2, 3]
+    # Rows are grouped by destination; each row marks its routed local slots.
+    assert rows.row_mask.tolist() == [[True, True], [True, False], [True, False], [False, True],
+                                      [False, True], [True, True]]
+    assert rows.row_columns[:, 0].tolist() == [0, 0, 2, 4, 6, 6]
 
 
 def test_uniform_dedup_ratio_matches_the_closed_form():
@@ -74,18 +92,17 @@ def test_uniform_dedup_ratio_matches_the_closed_form():
     m = torch.zeros(T, E, dtype=torch.bool)
     m.scatter_(1, torch.multinomial(torch.ones(T, E), k, generator=g), True)
     slots = SlotMap(torch.arange(E), E // P, torch.zeros(P, dtype=torch.long))
-    plan = plan_sends(choose_replicas(m, slots, 0), E // P, P)
+    sends = count_sends(choose_slots(m, slots, 0), E // P, P)
     copies = int(m[:, E // P:].sum())  # Megatron: one copy per expert not on rank 0
-    rows = int(plan.send_counts[1:].sum())
+    rows = int(sends.counts[1:, 0].sum())
     expected = P * (1 - math.comb(E - E // P, k) / math.comb(E, k)) / k
     assert abs(rows / copies - expected) / expected < 0.01
 
 
 def test_expand_received_sorts_pairs_by_local_slot():
     mask = torch.tensor([[True, False, True], [False, False, True], [True, True, False]])
-    rows, local, counts = expand_received(mask)
+    rows, local = expand_received(mask, 5)
     assert list(zip(rows.tolist(), local.tolist())) == [(0, 0), (2, 0), (2, 1), (0, 2), (1, 2)]
-    assert counts.tolist() == [2, 1, 2]
 
 
 def test_traffic_counters_total_dispatches_until_reset():
@@ -93,17 +110,16 @@ def test_traffic_counters_total_dispatches_until_reset():
 
     # Own rank 2 on node 1: tokens 1, 4, 5 reach rank 2 (self), 3 on node 1, 0-1 on node 0.
     m = routing([[1, 2], [3, 5], [2, 4], [4], [0, 7], [3, 4]])
-    chosen = choose_replicas(m, SLOTS, own_rank=2)
-    plan = plan_sends(chosen, 3, 4)
+    sends = count_sends(choose_slots(m, SLOTS, own_rank=2), 3, 4)
     probs = m.float() / 2
     probs[3, 4] = 0.0  # a pair dropped by capacity keeps its routing bit, not its weight
     counters = TrafficCounters()
     hidden = torch.zeros(6, 16)  # 64 bytes a row
     for _ in range(2):
-        counters.record_dispatch(plan, m, probs, hidden, 2, SLOTS.rank_node, 2)
+        counters.record_dispatch(sends.counts[:, 0], m, probs, hidden, 2, SLOTS.rank_node, 2)
         counters.record_received(5)
     s = counters.summary()
-    counts = plan.send_counts
+    counts = sends.counts[:, 0]
     assert s["dispatches"] == 2
     assert s["tokens_self"] == 2 * int(counts[2]) and s["tokens_node"] == 2 * int(counts[3])
     assert s["tokens_remote"] == 2 * int(counts[0] + counts[1])

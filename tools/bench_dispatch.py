@@ -7,9 +7,21 @@ each dispatcher moves to other ranks and to other nodes (``--gpus-per-node`` sim
 their ratio against the expected number of distinct destination ranks, and the wall-time ratio
 folded/Megatron of dispatch + combine (median of ``--repeats`` runs, measured side by side in one
 process). A placement solved on a structured trace is checked to send no more than the identity
-placement, on the routing it was solved on and on held-out tokens. The last line is one JSON object with every figure.
+placement, on the routing it was solved on and on held-out tokens.
+
+Planning, on one rank and one thread (no ranks spawned): the local work each dispatcher does
+around its exchanges and experts, at 4k-16k tokens, 64-256 experts, top-2 and top-8, EP8 (each
+rank hosts E/8 experts), hidden 1024. Megatron's: the token counts, permutation 1 (its
+``permute`` of hidden states and probabilities), permutation 2 (``sort_chunks_by_idxs`` by local
+expert) and both inverses with the unpermute sum. The folded one's: replica choice and
+deduplication (``choose_slots``, ``count_sends``, ``plan_rows``), the rows and their weights, the
+receive-side expansion and both sums. Its rows received stand in for rows from other ranks (the
+same distribution under uniform routing). The ratio is folded / Megatron, medians side by side.
+
+The last line is one JSON object with every figure.
 
     python tools/bench_dispatch.py [--tokens 1024] [--repeats 20] [--gpus-per-node 4] [--quick]
+    python tools/bench_dispatch.py --planning-only [--repeats 5]
 """
 
 from __future__ import annotations
@@ -139,13 +151,115 @@ def _structured_placement(topk: int, ep: int, gpus_per_node: int, seed: int):
                        for half, part in (("fit", fit), ("held out", score))}
 
 
+PLANNING_SIZES = [(4096, 64, 2), (4096, 64, 8), (8192, 128, 8), (16384, 256, 2), (16384, 256, 8)]
+PLANNING_HIDDEN, PLANNING_EP = 1024, 8
+
+
+def _planning_inputs(tokens: int, experts: int, topk: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = routing_ids_for(tokens, experts, topk, g)
+    routing_map = torch.zeros(tokens, experts, dtype=torch.bool).scatter_(1, ids, True)
+    probs = torch.zeros(tokens, experts).scatter_(1, ids, torch.rand(tokens, topk, generator=g))
+    hidden = torch.randn(tokens, PLANNING_HIDDEN, generator=g)
+    return routing_map, probs, hidden
+
+
+def routing_ids_for(tokens: int, experts: int, topk: int, generator) -> torch.Tensor:
+    return torch.multinomial(torch.ones(tokens, experts), topk, replacement=False,
+                             generator=generator)
+
+
+def megatron_local_work(hidden, routing_map, probs):
+    """Megatron's alltoall dispatcher around its exchanges, on one rank (see the docstring)."""
+    from megatron.core.transformer.moe.moe_utils import permute, sort_chunks_by_idxs, unpermute
+
+    experts = routing_map.shape[1]
+    local = experts // PLANNING_EP
+    counts = routing_map.sum(dim=0)
+    permuted, permuted_probs, mapping = permute(hidden, routing_map, probs=probs)
+    # Received chunks arrive by (source rank, local expert); sort them by local expert.
+    split = counts.view(PLANNING_EP, local).cpu()
+    order = torch.arange(PLANNING_EP * local).view(PLANNING_EP, local).t().reshape(-1)
+    restore = torch.arange(PLANNING_EP * local).view(local, PLANNING_EP).t().reshape(-1)
+    by_expert, by_expert_probs = sort_chunks_by_idxs(permuted, split.reshape(-1), order,
+                                                     probs=permuted_probs)
+    outputs = by_expert * by_expert_probs.unsqueeze(-1)
+    back, _ = sort_chunks_by_idxs(outputs, split.t().reshape(-1), restore)
+    return unpermute(back, mapping, restore_shape=hidden.shape, routing_map=routing_map)
+
+
+def folded_local_work(hidden, routing_map, probs, slots):
+    """The folded dispatcher around its exchanges, on one rank (see the docstring)."""
+    from folding.dispatcher.send_plan import choose_slots, count_sends, expand_received, plan_rows
+    from folding.dispatcher.token_dispatcher import _sum_rows
+
+    per_rank = slots.slots_per_rank
+    slot_routed = choose_slots(routing_map, slots, 0)
+    sends = count_sends(slot_routed, per_rank, slots.num_ranks)
+    counts = sends.counts.cpu()  # the one copy to the host
+    plan = plan_rows(sends, slot_routed, int(counts[:, 0].sum()))
+    row_probs = probs[plan.row_token.view(-1, 1), slots.slot_expert[plan.row_columns]]
+    row_probs = torch.where(plan.row_mask, row_probs, torch.zeros(()))
+    rows = hidden.index_select(0, plan.row_token)
+    pairs, local = expand_received(plan.row_mask, int(counts[:, 1:].sum()))
+    outputs = rows.index_select(0, pairs) * row_probs[pairs, local].unsqueeze(-1)
+    row_sums = _sum_rows(outputs, pairs, rows.shape[0])
+    return _sum_rows(row_sums, plan.row_token, hidden.shape[0])
+
+
+def planning_table(repeats: int, sizes=PLANNING_SIZES):
+    """Median seconds of both dispatchers' local work per size, measured alternately."""
+    from folding.dispatcher.send_plan import SlotMap
+
+    torch.set_num_threads(1)
+    figures = []
+    for tokens, experts, topk in sizes:
+        routing_map, probs, hidden = _planning_inputs(tokens, experts, topk)
+        slots = SlotMap(torch.arange(experts), experts // PLANNING_EP,
+                        torch.zeros(PLANNING_EP, dtype=torch.long))
+        # Both compute the same thing: each token's weighted sum of its routed copies.
+        a = megatron_local_work(hidden, routing_map, probs)
+        b = folded_local_work(hidden, routing_map, probs, slots)
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), "the two local paths disagree"
+        times = {"megatron": [], "folded": []}
+        for _ in range(repeats):
+            for name, fn in (("megatron", lambda: megatron_local_work(hidden, routing_map, probs)),
+                             ("folded", lambda: folded_local_work(hidden, routing_map, probs, slots))):
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+        meg, fol = statistics.median(times["megatron"]), statistics.median(times["folded"])
+        figures.append({"tokens": tokens, "experts": experts, "topk": topk, "megatron_s": meg,
+                        "folded_s": fol, "ratio": fol / meg})
+    return figures
+
+
+def print_planning(figures) -> float:
+    print(f"{'tokens':>6s} {'experts':>7s} {'top-k':>5s} {'Megatron ms':>11s} {'folded ms':>9s} "
+          f"{'ratio':>6s}")
+    for f in figures:
+        print(f"{f['tokens']:6d} {f['experts']:7d} {f['topk']:5d} {1e3 * f['megatron_s']:11.1f} "
+              f"{1e3 * f['folded_s']:9.1f} {f['ratio']:6.2f}")
+    worst = max(f["ratio"] for f in figures)
+    print(f"planning + local permutation, folded/Megatron on one thread: worst {worst:.2f} "
+          f"(target <= 1.2)")
+    return worst
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=1024, help="tokens per rank before TP split")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--gpus-per-node", type=int, default=4)
     p.add_argument("--quick", action="store_true", help="fewer cases and repeats")
+    p.add_argument("--planning-only", action="store_true",
+                   help="only the one-rank planning table (no ranks spawned)")
     args = p.parse_args(argv)
+    if args.planning_only:
+        figures = planning_table(min(args.repeats, 5) if args.quick else args.repeats)
+        worst = print_planning(figures)
+        print(json.dumps({"planning": figures, "summary": {"max_planning_ratio": worst}}))
+        return 0
     foldings = {"TP1 EP8": dict(tp=1, ep=8), "TP2 EP8 ETP1": dict(tp=2, ep=8, etp=1),
                 "TP2 EP4 ETP2": dict(tp=2, ep=4, etp=2)}
     cases, labels = [], []
@@ -216,7 +330,9 @@ def main(argv=None) -> int:
           f"worst {summary['max_time_ratio']:.2f} (target <= 1.2)")
     print(f"solved placement sends no more than identity, on the routing it was solved on and "
           f"on held-out routing: {summary['placement_never_worse']}")
-    print(json.dumps({"cases": figures, "summary": summary}))
+    planning = planning_table(3 if args.quick else 7)
+    summary["max_planning_ratio"] = print_planning(planning)
+    print(json.dumps({"cases": figures, "planning": planning, "summary": summary}))
     return 0
 
 

@@ -33,6 +33,8 @@ Environment (defaults in brackets):
   CONTROL      1: also run (a) a second time and compare it with the first, to show the noise
                floor of two stock runs [0]
   PYTHON       interpreter for the checks and compare_runs.py [python]
+  LAYER_CHECK  1: also time one MoE layer at EP1, folded vs Megatron, with synchronisations
+               counted (tools/bench_layer_ep1.py; layer_ep1.txt, layer_ep1.json) [1]
   FOLDING      the folding command [folding]
 NCCL_ALGO=Ring, NVTE_ALLOW_NONDETERMINISTIC_ALGO=0, CUBLAS_WORKSPACE_CONFIG=:4096:8 and
 CUDA_DEVICE_MAX_CONNECTIONS=1 are set unless already set, so both runs use reproducible kernels.
@@ -203,4 +205,14 @@ rc=0
     >"$OUT/compare.txt" || rc=$?
 cat "$OUT/compare.txt"
 tail -n 1 "$OUT/compare.txt" >"$OUT/compare.json"
+
+# ---------------------------------------------------------------- one layer, all overhead visible
+# One MoE layer at EP1 (8k tokens, 64 experts, top-8, bf16) on one GPU, folded against Megatron's
+# alltoall, with CUDA's sync debug mode counting synchronisations (targets: ratio <= 1.1, equal).
+echo "== one MoE layer at EP1: $PYTHON tools/bench_layer_ep1.py --device cuda"
+if [[ "${LAYER_CHECK:-1}" == 1 ]]; then
+    "$PYTHON" "$HERE/bench_layer_ep1.py" --device cuda >"$OUT/layer_ep1.txt" 2>&1 || rc=1
+    grep -v '^{' "$OUT/layer_ep1.txt" | tail -n 3
+    tail -n 1 "$OUT/layer_ep1.txt" >"$OUT/layer_ep1.json"
+fi
 exit "$rc"

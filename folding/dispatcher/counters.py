@@ -33,17 +33,18 @@ class TrafficCounters:
         self._destination = None
         self._pairs = self._received = self.dispatches = 0
 
-    def record_dispatch(self, plan, routing_map: torch.Tensor, probs: torch.Tensor,
+    def record_dispatch(self, rows: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor,
                         hidden: torch.Tensor, own_rank: int, rank_node: torch.Tensor,
                         topk: int) -> None:
-        rows = plan.send_counts
+        """``rows``: int64 [P] on the data's device, rows sent to each EP rank."""
         if self._rows is None:
             self._rows = torch.zeros_like(rows)
             self._bytes = torch.zeros_like(rows)
             self._kept = torch.zeros((), dtype=torch.long, device=routing_map.device)
             # Each destination is this rank (0), another rank of its node (1) or another node (2).
-            self._destination = torch.where(rank_node == rank_node[own_rank], 1, 2)
-            self._destination[own_rank] = 0
+            destination = torch.where(rank_node == rank_node[own_rank], 1, 2)
+            destination[own_rank] = 0
+            self._destination = destination.cpu()
         self._rows += rows
         self._bytes += rows * (hidden.shape[-1] * hidden.element_size())
         # Pairs that survived capacity carry a weight; padding adds weightless pairs.

@@ -79,7 +79,8 @@ class FoldedMoELayer(MoELayer):
         self._apply_placement()
 
     def _apply_placement(self) -> None:
-        row = torch.as_tensor(self.placement_rows[self.moe_ordinal[self.layer_number]])
+        # On the host even where the model is built on the meta device: the placement is data.
+        row = torch.as_tensor(self.placement_rows[self.moe_ordinal[self.layer_number]], device="cpu")
         self.token_dispatcher.set_slot_experts(row)
         first = dist.get_rank(self.ep_group) * self.slots_per_rank
         local = row[first:first + self.slots_per_rank].tolist()

@@ -13,6 +13,15 @@ the expert-TP group and a reduce-scatter of the outputs: the same collectives as
 dispatcher, through Megatron's own autograd-aware mappings, so it runs on NCCL and on gloo
 (with the CPU runtime) unchanged. Token dropping happens in Megatron's router before dispatch,
 so capacity, drop policies and padding behave exactly as with Megatron's dispatchers.
+
+Host waits: the plan is made on the data's device (``send_plan``), and the sizes the host must
+know (rows per destination, rows and pairs received, the ETP peers' rows) travel as one small
+count tensor in the same exchange, copied to the host without blocking on a side stream and
+awaited once per layer, at ``host_wait_point``: in ``token_dispatch`` (the default, so whatever
+the layer queues in between, such as shared experts, overlaps the copy) or already in
+``dispatch_preprocess``. The backward pass never waits. Sums of expert outputs accumulate in
+fp32 (at least the precision of Megatron's unpermute) and the ETP reduce-scatter runs in the
+probabilities' dtype, as Megatron's does.
 """
 
 from __future__ import annotations
@@ -23,7 +32,8 @@ import torch
 import torch.distributed as dist
 
 from folding.dispatcher.counters import TrafficCounters
-from folding.dispatcher.send_plan import SlotMap, choose_replicas, expand_received, plan_sends
+from folding.dispatcher.send_plan import (SlotMap, choose_slots, count_sends, expand_received,
+                                          plan_rows)
 from folding.errors import FoldingError
 
 try:
@@ -31,20 +41,53 @@ try:
 except ImportError:  # pragma: no cover - megatron-core is a dependency
     MoETokenDispatcher = object
 
+HOST_WAIT_POINTS = ("dispatch_preprocess", "token_dispatch")
+
+
+def refuse_unsupported(config) -> None:
+    """FoldingError naming the Megatron setting the folded dispatcher cannot honour."""
+    impl = getattr(config, "cuda_graph_impl", "none") or "none"
+    if impl != "none":
+        scopes = [getattr(s, "name", str(s)) for s in (getattr(config, "cuda_graph_scope", None) or [])]
+        captured = [s for s in scopes if s == "moe_preprocess" or (s == "moe_router" and impl == "local")]
+        if not scopes or captured:
+            what = (f"--cuda-graph-scope {' '.join(captured)}" if captured
+                    else "--cuda-graph-impl without --cuda-graph-scope (the whole layer)")
+            raise FoldingError(f"{what} captures the folded dispatcher's planning in a CUDA graph, "
+                               f"whose row counts depend on the routing; leave the MoE preprocessing "
+                               f"out of the graph scope (for example --cuda-graph-scope attn)")
+    if getattr(config, "moe_permute_fusion", False):
+        raise FoldingError("--moe-permute-fusion fuses Megatron's permutation, which the folded "
+                           "dispatcher does not use (it plans deduplicated rows itself); drop the flag")
+    if getattr(config, "moe_router_padding_for_quantization", False):
+        raise FoldingError("--moe-router-padding-for-quantization is not supported by the folded "
+                           "dispatcher (padded counts would not survive replica choice); drop the flag")
+
 
 class FoldedTokenDispatcher(MoETokenDispatcher):
     """Deduplicated dispatch following an expert placement (``SlotMap`` per layer)."""
 
+    _copy_stream = None  # shared by every layer, as Megatron shares its device-to-host stream
+
     def __init__(self, config, pg_collection, slots_per_rank: int, gpus_per_node: int,
-                 counters: Optional[TrafficCounters] = None):
+                 counters: Optional[TrafficCounters] = None,
+                 host_wait_point: str = "token_dispatch"):
         super().__init__(config=config, pg_collection=pg_collection)
+        refuse_unsupported(config)
+        if host_wait_point not in HOST_WAIT_POINTS:
+            raise FoldingError(f"host_wait_point {host_wait_point!r} is not one of {HOST_WAIT_POINTS}")
+        self.host_wait_point = host_wait_point
         self.slots_per_rank = slots_per_rank
         self.ep_rank = dist.get_rank(self.ep_group)
+        self.tp_rank_in_group = dist.get_rank(self.tp_group) if self.tp_size > 1 else 0
         self.ep_global_ranks = dist.get_process_group_ranks(self.ep_group)
-        self.rank_node = torch.tensor([r // gpus_per_node for r in self.ep_global_ranks])
+        # Host tensors, explicitly: a model built on the meta device must still know its placement.
+        self.rank_node = torch.tensor([r // gpus_per_node for r in self.ep_global_ranks],
+                                      device="cpu")
         self.slot_map: Optional[SlotMap] = None
         self.counters = counters or TrafficCounters()
         self.hidden_shape = None
+        self._host_counts = self._copied = None
 
     def set_slot_experts(self, slot_expert: torch.Tensor) -> None:
         """The logical expert of every slot of this layer (``P*S`` entries)."""
@@ -52,56 +95,87 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
         if slot_expert.numel() != expected:
             raise FoldingError(f"placement has {slot_expert.numel()} slots, EP={self.ep_size} x "
                              f"{self.slots_per_rank} slots per rank = {expected} expected")
-        self.slot_map = SlotMap(slot_expert.long().cpu(), self.slots_per_rank, self.rank_node)
+        self.slot_map = SlotMap(slot_expert, self.slots_per_rank, self.rank_node)
 
     # ------------------------------------------------------------------------------ dispatch
     def dispatch_preprocess(self, tokens: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor):
+        """Plan on the device, exchange the counts and start their copy to the host."""
         self.hidden_shape = tokens.shape
         hidden = tokens.reshape(-1, tokens.shape[-1])
-        device = hidden.device
-        chosen = choose_replicas(routing_map.cpu(), self.slot_map, self.ep_rank)
-        plan = plan_sends(chosen, self.slots_per_rank, self.ep_size)
-        self.plan = plan
-        self.row_token = plan.row_token.to(device)
-        rows = plan.row_token.numel()
-        # Routing weights of each row for the destination's local slots; the mask marks routed
-        # pairs (a padded pair may carry weight 0 and must still be computed).
-        row_probs = torch.zeros(rows, self.slots_per_rank, dtype=probs.dtype, device=device)
-        row_probs = row_probs.index_put(
-            (plan.pair_row.to(device), plan.pair_local_slot.to(device)),
-            probs[plan.pair_token.to(device), plan.pair_expert.to(device)])
-        row_mask = torch.zeros(rows, self.slots_per_rank, dtype=torch.bool, device=device)
-        row_mask[plan.pair_row.to(device), plan.pair_local_slot.to(device)] = True
-        self.row_mask = row_mask
-        self.counters.record_dispatch(plan, routing_map, probs, hidden, self.ep_rank,
+        self.probs_dtype = probs.dtype
+        self.slot_routed = choose_slots(routing_map, self.slot_map, self.ep_rank)
+        self.sends = count_sends(self.slot_routed, self.slots_per_rank, self.ep_size)
+        counts = self.sends.counts
+        received = counts
+        if self.ep_size > 1:
+            # Counts travel on the data's device: NCCL moves only GPU tensors.
+            received = torch.empty_like(counts)
+            dist.all_to_all_single(received, counts, group=self.ep_group)
+        if self.tp_size > 1:
+            peers = [torch.empty_like(received) for _ in range(self.tp_size)]
+            dist.all_gather(peers, received, group=self.tp_group)
+            received = torch.stack(peers)
+        self._start_copy(torch.cat([counts.reshape(-1), received.reshape(-1)]))
+        self.counters.record_dispatch(counts[:, 0], routing_map, probs, hidden, self.ep_rank,
                                       self.rank_node, self.config.moe_router_topk)
-        return hidden[self.row_token], row_probs
+        if self.host_wait_point == "dispatch_preprocess":
+            self._finish_copy()
+        return hidden, probs
+
+    def _start_copy(self, counts: torch.Tensor) -> None:
+        if counts.is_cuda:
+            cls = FoldedTokenDispatcher
+            if cls._copy_stream is None:
+                cls._copy_stream = torch.cuda.Stream()
+            cls._copy_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(cls._copy_stream):
+                self._host_counts = counts.to("cpu", non_blocking=True)
+                counts.record_stream(cls._copy_stream)
+            self._copied = cls._copy_stream.record_event()
+        else:
+            self._host_counts, self._copied = counts, None
+
+    def _finish_copy(self) -> None:
+        """The layer's one host wait; then every routing-dependent size is a host integer."""
+        if self._host_counts is None:
+            return
+        if self._copied is not None:
+            self._copied.synchronize()
+        host, self._host_counts = self._host_counts, None
+        width = 1 + self.slots_per_rank
+        sent = host[:self.ep_size * width].view(self.ep_size, width)
+        received = host[self.ep_size * width:].view(-1, self.ep_size, width)
+        self.input_splits = sent[:, 0].tolist()
+        self.output_splits = received[self.tp_rank_in_group, :, 0].tolist()
+        self.tp_splits = received[:, :, 0].sum(dim=1).tolist()
+        self.received_rows = sum(self.tp_splits)
+        self.tokens_per_slot = received[:, :, 1:].sum(dim=(0, 1))
+        self.received_pairs = int(self.tokens_per_slot.sum())
+        self.plan = plan_rows(self.sends, self.slot_routed, sum(self.input_splits))
+        self.row_token = self.plan.row_token
 
     def token_dispatch(self, hidden_states: torch.Tensor, probs: torch.Tensor):
         from megatron.core.tensor_parallel import all_to_all
 
-        # Counts travel on the data's device: NCCL moves only GPU tensors.
-        send = self.plan.send_counts.to(hidden_states.device)
-        recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=self.ep_group)
-        self.input_splits, self.output_splits = send.tolist(), recv.tolist()
+        self._finish_copy()
+        plan, slot_expert = self.plan, self.slot_map.on(probs.device).slot_expert
+        # Routing weights of each row for the destination's local slots; the mask marks routed
+        # pairs (a padded pair may carry weight 0 and must still be computed).
+        row_probs = probs[plan.row_token.view(-1, 1), slot_expert[plan.row_columns]]
+        row_probs = torch.where(plan.row_mask, row_probs, torch.zeros((), dtype=probs.dtype,
+                                                                      device=probs.device))
+        rows = hidden_states.index_select(0, plan.row_token)
         # Weights and the routed-pair mask travel together, in the weights' dtype (0/1 is exact);
         # in the hidden states' message too when the dtypes agree (fp32), one collective fewer.
-        payload = torch.cat([probs, self.row_mask.to(probs.dtype)], dim=1)
-        together = payload.dtype == hidden_states.dtype
-        hidden_width = hidden_states.shape[-1]
-        messages = ([torch.cat([hidden_states, payload], dim=1)] if together
-                    else [hidden_states, payload])
+        payload = torch.cat([row_probs, plan.row_mask.to(probs.dtype)], dim=1)
+        together = payload.dtype == rows.dtype
+        hidden_width = rows.shape[-1]
+        messages = [torch.cat([rows, payload], dim=1)] if together else [rows, payload]
         messages = [all_to_all(self.ep_group, m, self.output_splits, self.input_splits)
                     for m in messages]
         if self.tp_size > 1:
             from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
-            device = messages[0].device
-            counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(self.tp_size)]
-            dist.all_gather(counts, torch.tensor([messages[0].shape[0]], device=device),
-                            group=self.tp_group)
-            self.tp_splits = [int(c) for c in counts]
             messages = [gather_from_sequence_parallel_region(
                 m, group=self.tp_group, output_split_sizes=self.tp_splits) for m in messages]
         if together:
@@ -109,30 +183,25 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
         else:
             received, received_payload = messages
         received_probs, received_mask = received_payload.split(self.slots_per_rank, dim=1)
-        received_mask = received_mask.detach() != 0
-        self.received_mask = received_mask
+        self.received_mask = received_mask.detach() != 0
         return received, received_probs
 
     def dispatch_postprocess(self, hidden_states: torch.Tensor, probs: torch.Tensor):
-        rows, local, tokens_per_slot = expand_received(self.received_mask.cpu())
-        self.pair_rows = rows.to(hidden_states.device)
-        self.received_rows = hidden_states.shape[0]
-        local = local.to(hidden_states.device)
-        self.counters.record_received(int(rows.numel()))
-        return hidden_states[self.pair_rows], tokens_per_slot, probs[self.pair_rows, local]
+        rows, local = expand_received(self.received_mask, self.received_pairs)
+        self.pair_rows = rows
+        self.counters.record_received(self.received_pairs)
+        return hidden_states.index_select(0, rows), self.tokens_per_slot, probs[rows, local]
 
     # ------------------------------------------------------------------------------ combine
     def combine_preprocess(self, hidden_states: torch.Tensor):
         """Sum each received row's expert outputs (already weighted by the experts)."""
-        out = torch.zeros(self.received_rows, hidden_states.shape[-1], dtype=hidden_states.dtype,
-                          device=hidden_states.device)
-        out = out.index_add(0, self.pair_rows, hidden_states)
+        out = _sum_rows(hidden_states, self.pair_rows, self.received_rows)
         if self.tp_size > 1:
             from megatron.core.tensor_parallel import reduce_scatter_to_sequence_parallel_region
 
             out = reduce_scatter_to_sequence_parallel_region(
-                out, group=self.tp_group, input_split_sizes=self.tp_splits)
-        return out
+                out.to(self.probs_dtype), group=self.tp_group, input_split_sizes=self.tp_splits)
+        return out.to(hidden_states.dtype)
 
     def token_combine(self, hidden_states: torch.Tensor, *args, **kwargs):
         from megatron.core.tensor_parallel import all_to_all
@@ -141,7 +210,12 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
 
     def combine_postprocess(self, hidden_states: torch.Tensor):
         tokens = self.hidden_shape.numel() // self.hidden_shape[-1]
-        out = torch.zeros(tokens, hidden_states.shape[-1], dtype=hidden_states.dtype,
-                          device=hidden_states.device)
-        out = out.index_add(0, self.row_token, hidden_states)
-        return out.view(self.hidden_shape)
+        out = _sum_rows(hidden_states, self.row_token, tokens)
+        return out.to(hidden_states.dtype).view(self.hidden_shape)
+
+
+def _sum_rows(values: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
+    """``rows`` sums of ``values`` by ``index``, accumulated in at least fp32."""
+    dtype = torch.promote_types(values.dtype, torch.float32)
+    out = torch.zeros(rows, values.shape[-1], dtype=dtype, device=values.device)
+    return out.index_add_(0, index, values.to(dtype))

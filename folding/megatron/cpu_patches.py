@@ -14,7 +14,9 @@ def _maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
     # Megatron converts split sizes to numpy only for CUDA tensors; CPU tensors must be
     # converted too, or all_to_all_single receives tensors as split sizes.
     if torch.is_tensor(tensor):
-        tensor = tensor.to("cpu")
+        # Non-blocking where the tensor is (or, under folding.testing.host_waits, stands for) a
+        # GPU tensor, as Megatron copies it.
+        tensor = tensor.to("cpu", non_blocking=tensor.is_cuda)
         if as_numpy:
             tensor = tensor.numpy()
     return tensor
