@@ -100,7 +100,7 @@ def test_one_layer_at_ep1_waits_less_than_megatron(measured):
     # One non-blocking copy, awaited once; nothing else, forward or backward.
     assert waits["folded"] == {"total": 0, "forward": {}, "backward": {}, "deferred": 1}
     assert _blocking(waits["folded"]) <= _blocking(waits["megatron"])
-    assert waits["megatron"]["total"] >= 1  # the instrument sees Megatron's masked_select
+    assert waits["megatron"]["deferred"] >= 1  # the instrument sees Megatron's copies of its counts
 
 
 @pytest.mark.multiprocess
