@@ -42,6 +42,15 @@ def folding_from_args(args: argparse.Namespace, **model) -> FoldingSpec:
                        cp_comm_type=getattr(args, "cp_comm_type", None) or "p2p", **model)
 
 
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    from folding.run.device import DEVICES
+
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="where the ranks run: cuda (one GPU per rank, NCCL), cpu (gloo) or "
+                             "auto (cuda when there are as many GPUs as ranks, else cpu; the "
+                             "default)")
+
+
 def add_json_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
 

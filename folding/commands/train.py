@@ -1,10 +1,11 @@
-"""``folding train``: the main job, a recipe trained on local CPU ranks in a folded layout."""
+"""``folding train``: the main job, a recipe trained on local ranks in a folded layout."""
 
 from __future__ import annotations
 
 import argparse
 
-from folding.commands.common import add_json_argument, print_run, require_folded_for_traffic
+from folding.commands.common import (add_device_argument, add_json_argument, print_run,
+                                     require_folded_for_traffic)
 from folding.megatron.model import DISPATCHERS
 from folding.mesh import CP_COMM_TYPES
 from folding.run.train import TrainOptions, TrainSummary
@@ -12,9 +13,10 @@ from folding.run.train import TrainOptions, TrainSummary
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "train", help="train a recipe on local CPU ranks (default: tiny-moe on 8 ranks)",
-        description="Train a recipe's model with Megatron-Core on local gloo ranks in its folded "
-                    "layout, on the byte-level corpus shipped with the package. The degree flags "
+        "train", help="train a recipe on local ranks (default: tiny-moe on 8 ranks)",
+        description="Train a recipe's model with Megatron-Core on local ranks in its folded "
+                    "layout (CPU ranks with gloo, or one GPU per rank with NCCL: --device), "
+                    "on the byte-level corpus shipped with the package. The degree flags "
                     "replace the recipe's folding (DP and EDP are derived again); with --cp > 1 "
                     "each sequence is split over the CP ranks by Megatron's load-balanced "
                     "context-parallel split (see recipe tiny-moe-long).")
@@ -35,6 +37,7 @@ def register(sub) -> None:
     p.add_argument("--traffic", action="store_true", help="print what the folded dispatcher moved")
     p.add_argument("--trace-out", metavar="FILE", help="write a routing trace (.npz) for folding place")
     p.add_argument("--trace-tokens", type=int, default=8192, help="tokens per MoE layer in the trace")
+    add_device_argument(p)
     add_json_argument(p)
     p.set_defaults(handler=run)
 
@@ -47,15 +50,18 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
     return TrainOptions(recipe=args.recipe, steps=args.steps, nproc=args.nproc, folding=folding,
                         routing=routing, save=args.save, load=args.load,
                         log_interval=args.log_interval, placement=args.placement,
-                        trace_out=args.trace_out, trace_tokens=args.trace_tokens)
+                        trace_out=args.trace_out, trace_tokens=args.trace_tokens,
+                        device=args.device)
 
 
 def summary_text(s: TrainSummary) -> str:
     last = s.first_step + len(s.losses)
     cp = s.degrees.get("cp", 1) if s.degrees else 1
     exchange = f", CP exchange {s.degrees['cp_comm_type']}" if cp > 1 else ""
-    lines = [f"trained {s.recipe} for steps {s.first_step + 1}-{last} on {s.world_size} CPU ranks, "
+    where = s.device.ranks(s.world_size) if s.device else f"{s.world_size} ranks"
+    lines = [f"trained {s.recipe} for steps {s.first_step + 1}-{last} on {where}, "
              f"folding {s.folding}{exchange}",
+             *([f"device: {s.device.reason}"] if s.device else []),
              f"loss {s.first_loss:.3f} -> {s.last_loss:.3f} nats/byte (first step -> mean of the "
              f"last {min(10, len(s.losses))})",
              f"wall time {s.wall_s:.0f} s ({s.train_s:.0f} s training), {s.tokens_per_s:,.0f} tokens/s"]

@@ -1,19 +1,21 @@
-"""``folding verify``: prove a folding trains exactly like a single process, on CPU."""
+"""``folding verify``: prove a folding trains exactly like a single process (CPU or GPUs)."""
 
 from __future__ import annotations
 
 import argparse
 
-from folding.commands.common import (add_folding_arguments, add_json_argument, folding_from_args,
-                                     format_table, print_run, require_folded_for_traffic)
+from folding.commands.common import (add_device_argument, add_folding_arguments, add_json_argument,
+                                     folding_from_args, format_table, print_run,
+                                     require_folded_for_traffic)
 from folding.megatron.model import DISPATCHERS, MoERouting
 from folding.run.verify import FAULTS, LOSS_TOLERANCE, TENSOR_TOLERANCE, VerifyCase, VerifyReport
 
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "verify", help="check a folding against a single-process reference on CPU",
-        description="Spawn the folding's ranks locally with gloo, run N training steps of the "
+        "verify", help="check a folding against a single-process reference",
+        description="Spawn the folding's ranks locally (CPU ranks with gloo, or one GPU per rank "
+                    "with NCCL: --device), run N training steps of the "
                     "recipe's model from the same weights on the same batches as a single "
                     "process, and compare losses, every gradient and every updated parameter.")
     add_folding_arguments(p, world_size_default=8)
@@ -31,6 +33,7 @@ def register(sub) -> None:
     p.add_argument("--traffic", action="store_true", help="print what the folded dispatcher moved")
     p.add_argument("--inject-fault", choices=FAULTS, help="break the folded run on purpose, to see "
                                                           "the checker fail")
+    add_device_argument(p)
     add_json_argument(p)
     p.set_defaults(handler=run)
 
@@ -64,8 +67,13 @@ def report_text(report: VerifyReport) -> str:
     mode = ("dropless" if routing.capacity_factor is None else
             f"capacity factor {routing.capacity_factor}, drop {routing.drop_policy}"
             + (", padded" if routing.pad_to_capacity else ""))
-    lines = [f"folding {case.spec.describe()} on {case.spec.world_size} gloo ranks, "
-             f"{routing.dispatcher} dispatcher, {mode}, recipe {case.recipe}", "", table, ""]
+    world = case.spec.world_size
+    where = report.device.ranks(world) if report.device else f"{world} ranks"
+    lines = [f"folding {case.spec.describe()} on {where}, "
+             f"{routing.dispatcher} dispatcher, {mode}, recipe {case.recipe}"]
+    if report.device:
+        lines.append(f"device: {report.device.reason}")
+    lines += ["", table, ""]
     if report.drops.compared:
         lines.append(f"token-dropping decisions: {report.drops.compared} compared, "
                      f"{report.drops.near_ties} near ties at the capacity boundary replayed, "
@@ -83,6 +91,6 @@ def run(args: argparse.Namespace) -> int:
 
     case = case_from_args(args)
     require_folded_for_traffic(args, case.routing.dispatcher)
-    report = verify(case, progress=True)
+    report = verify(case, progress=True, device=args.device)
     print_run(args, report.to_json(), report_text(report), report.traffic, case.spec.gpus_per_node)
     return 0 if report.passed else 1

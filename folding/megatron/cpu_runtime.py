@@ -17,7 +17,10 @@ as long as it is active and undoes everything on exit:
   memory reports, its dataset helpers) gets the stand-ins of ``cpu_training_patches`` too.
 
 Nothing here changes a floating-point operation: the same kernels run, on the CPU. Where CUDA is
-available the switch does nothing.
+available the switch does nothing, unless the rank was launched for the CPU (``--device cpu``, or
+``auto`` with fewer GPUs than ranks: see ``folding.run.device``); while it is on,
+``torch.cuda.is_available()`` answers False, so that the rank sees the machine a CPU-only host
+shows and builds the same model.
 """
 
 from __future__ import annotations
@@ -119,6 +122,10 @@ def _cuda_shims(p: _Patcher) -> None:
     # The CPU device itself, not an index: allocations inside autograd backward functions run
     # where the function mode is not active, and an index there would mean an accelerator.
     p.set(cuda, "current_device", lambda: _CPU)
+    # On a GPU host launched for the CPU, the model's configuration and layer spec must be
+    # those of a CPU-only host (CPU initialisation, no Transformer Engine, no grouped GEMM).
+    p.set(cuda, "is_available", lambda: False)
+    p.set(cuda, "device_count", lambda: 0)
     p.set(cuda, "set_device", lambda *a, **k: None)
     p.set(cuda, "synchronize", lambda *a, **k: None)
     p.set(cuda, "empty_cache", lambda *a, **k: None)
@@ -154,14 +161,27 @@ def cuda_present() -> bool:
     return torch.cuda.is_available()
 
 
+def runtime_wanted(requested: str, cuda_available: bool) -> bool:
+    """Whether the CPU runtime takes over: always for a rank launched for the CPU, never for
+    one launched for a GPU, and otherwise (``requested`` empty) only where CUDA is absent."""
+    if requested == "cpu":
+        return True
+    if requested == "cuda":
+        return False
+    return not cuda_available
+
+
 def enable(training: bool = False) -> bool:
     """Switch the CPU runtime on for the rest of the process (until ``disable``); with
     ``training``, for Megatron's training loop (``megatron.training``) too.
 
-    Returns False, and does nothing, when CUDA is present or the runtime is already on.
+    Returns False, and does nothing, when the runtime is already on, or when ``runtime_wanted``
+    says no for the device this rank was launched for (``folding.run.device.DEVICE_ENV``).
     """
+    from folding.run.device import requested_in_rank
+
     global _active
-    if _active is not None or cuda_present():
+    if _active is not None or not runtime_wanted(requested_in_rank(), cuda_present()):
         return False
     patcher = _Patcher()
     try:

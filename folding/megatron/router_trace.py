@@ -6,6 +6,9 @@ Ranks route disjoint token streams, one per (DP, TP, CP) position of the attenti
 stages of a pipeline see the same stream for their own layers. ``write`` gathers every rank's
 records, joins the layers of each stream across pipeline stages so that token t is the same
 token in every layer, and writes the trace through ``folding.placement.recorder``.
+
+Choices stay on the device the router ran on until ``write``: on a GPU a copy to the host in
+every router call would wait for the GPU each time, in the middle of the forward pass.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ class RouterTraceHook:
         arch = trainer.arch
         self.ordinal = arch.moe_ordinals()
         self.num_experts = arch.num_experts
-        self.records: Dict[int, List[np.ndarray]] = {}
+        self.topk = arch.moe_router_topk
+        self.records: Dict[int, List[torch.Tensor]] = {}
         self.counts: Dict[int, int] = {}
         coords = trainer.spec.coordinates(trainer.rank)["attention"]
         self.stream: StreamKey = (coords["dp"], coords["tp"], coords["cp"])
@@ -54,13 +58,14 @@ class RouterTraceHook:
         room = self.max_tokens - self.counts.get(layer, 0)
         if room <= 0:
             return
-        mask = routing_map[:room].detach().cpu()
-        weights = probs[:room].detach().float().cpu()
-        k = int(mask[0].sum()) if mask.shape[0] else 0
-        # The chosen experts of each token, highest weight first.
+        mask = routing_map[:room].detach()
+        weights = probs[:room].detach().float()
+        # The chosen experts of each token, highest weight first. Every token has top-k of them
+        # before dropping; k comes from the model, as reading it off the mask would wait for
+        # the device.
         key = torch.where(mask, -weights, torch.full_like(weights, float("inf")))
-        ids = torch.argsort(key, dim=1, stable=True)[:, :k]
-        self.records.setdefault(layer, []).append(ids.numpy().astype(np.int32))
+        ids = torch.argsort(key, dim=1, stable=True)[:, :self.topk].to(torch.int32)
+        self.records.setdefault(layer, []).append(ids)
         self.counts[layer] = self.counts.get(layer, 0) + ids.shape[0]
 
     def write(self, path: str) -> int:
@@ -69,7 +74,8 @@ class RouterTraceHook:
 
         from folding.placement.recorder import TraceRecorder
 
-        local = {layer: np.concatenate(chunks) for layer, chunks in self.records.items()}
+        local = {layer: torch.cat(chunks).cpu().numpy()
+                 for layer, chunks in self.records.items()}
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, (self.stream, local))
         tokens = 0

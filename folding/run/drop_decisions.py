@@ -29,6 +29,9 @@ Key = Tuple[int, int, int, int]  # (step, layer number, reference micro-batch, t
 
 @dataclass
 class DropRecord:
+    """Held on the CPU: records are saved by the reference and loaded by every folded rank,
+    each of which moves them to its own device when it compares."""
+
     keep: torch.Tensor
     """Bool [tokens, experts]: the (token, expert) pairs that survive capacity."""
     margin: torch.Tensor
@@ -48,7 +51,7 @@ def _capacity_margin(probs: torch.Tensor, capacity: int, policy: str) -> torch.T
     """Per expert: gap between the last kept and the first dropped weight, relative to them."""
     experts = probs.shape[1]
     if policy != "probs" or capacity >= probs.shape[0]:
-        return torch.full((experts,), float("inf"))
+        return torch.full((experts,), float("inf"), device=probs.device)
     top = probs.detach().float().topk(capacity + 1, dim=0).values
     kept, dropped = top[capacity - 1], top[capacity]
     gap = (kept - dropped).abs() / kept.abs().clamp_min(1e-30)
@@ -118,12 +121,14 @@ class DropDecisions:
         out_probs, out_map = torch.empty_like(probs), torch.empty_like(routing_map)
         groups = token_group_rows(probs.shape[0], self.sequence_parallel, self.cp)
         for group, rows in enumerate(groups):
+            rows = rows.to(probs.device)
             p, m = probs[rows], routing_map[rows]
             final_probs, final_map = original(p, m, *args)
             capacity = get_capacity(num_tokens=p.shape[0] * router_topk, num_experts=p.shape[1],
                                     capacity_factor=capacity_factor)
             self.records[(self.step, layer, micro_batch, group)] = DropRecord(
-                final_map.detach().clone(), _capacity_margin(p, capacity, policy))
+                final_map.detach().to("cpu", copy=True),
+                _capacity_margin(p, capacity, policy).cpu())
             out_probs[rows], out_map[rows] = final_probs, final_map
         return out_probs, out_map
 
@@ -137,13 +142,15 @@ class DropDecisions:
                                          f"for micro-batch {reference_mb}, token group {self.group}")
             return original(probs, routing_map, *args)
         self.check.compared += 1
-        differs = (own_map != record.keep).any(dim=0)
+        # The mask, the margins and the rank's own decision on one device (the rank's).
+        keep = record.keep.to(own_map.device)
+        margin = record.margin.to(own_map.device)
+        differs = (own_map != keep).any(dim=0)
         if differs.any():
-            near = record.margin[differs] <= NEAR_TIE
+            near = margin[differs] <= NEAR_TIE
             self.check.near_ties += int(near.sum())
             for expert in differs.nonzero().flatten()[~near].tolist():
                 self.check.mismatches.append(
                     f"step {self.step} layer {layer} micro-batch {reference_mb} token group "
                     f"{self.group}: expert {expert} keeps other tokens than the reference")
-        keep = record.keep.to(own_map.device)
         return probs * keep, keep

@@ -1,10 +1,12 @@
-"""Spawn local ranks with gloo and make sure a failure anywhere stops everyone.
+"""Spawn local ranks and make sure a failure anywhere stops everyone.
 
-``run_ranks(fn, world_size, *args)`` starts one process per rank, initialises a gloo default
-process group in each, calls ``fn(rank, world_size, *args)`` and returns the results in rank
-order. The parent watches every child: when one raises, is killed or exits without a result, the
-others are terminated at once (they may be blocked in a collective that will never complete) and
-``RankFailed`` names the rank that failed first and why.
+``run_ranks(fn, world_size, *args, device=choice)`` starts one process per rank, initialises the
+default process group in each with the backend of ``choice`` (``folding.run.device``: gloo on the
+CPU, the default; NCCL with one GPU per rank, rank r on GPU r), calls ``fn(rank, world_size,
+*args)`` and returns the results in rank order. The parent watches every child: when one
+raises, is killed or exits without a result, the others are terminated at once (they may be
+blocked in a collective that will never complete) and ``RankFailed`` names the rank that failed
+first and why.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any, Callable, List, Optional
 import torch.multiprocessing as mp
 
 from folding.errors import FoldingError
+from folding.run.device import CPU, DEVICE_ENV, DeviceChoice
 
 
 class RankFailed(FoldingError):
@@ -54,7 +57,7 @@ def _exit_with_parent(poll_s: float = 1.0) -> None:
 
 
 def _worker(rank: int, world_size: int, port: int, threads: int, fn: Callable, args: tuple,
-            results, collective_timeout_s: float) -> None:
+            results, collective_timeout_s: float, device: DeviceChoice) -> None:
     import logging
     import warnings
 
@@ -68,6 +71,8 @@ def _worker(rank: int, world_size: int, port: int, threads: int, fn: Callable, a
     logging.getLogger("megatron").setLevel(logging.ERROR)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    # Read by the CPU runtime: a CPU rank must stay on the CPU where GPUs are visible too.
+    os.environ[DEVICE_ENV] = device.kind
     _exit_with_parent()
     pid_dir = os.environ.get("FOLDING_PID_DIR")
     if pid_dir:  # lets a supervisor (or a test) find the process of each rank
@@ -75,7 +80,10 @@ def _worker(rank: int, world_size: int, port: int, threads: int, fn: Callable, a
             f.write(str(os.getpid()))
     torch.set_num_threads(threads)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size,
+        if device.on_gpu:
+            # Before the process group: NCCL binds each rank to the current device.
+            torch.cuda.set_device(rank)
+        dist.init_process_group(device.backend, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=collective_timeout_s))
         result = fn(rank, world_size, *args)
         results.put(("ok", rank, result))
@@ -137,8 +145,10 @@ def _first_failure(item, processes, results, done) -> RankFailed:
 
 
 def run_ranks(fn: Callable, world_size: int, *args: Any, timeout_s: Optional[float] = None,
-              threads_per_rank: Optional[int] = None, collective_timeout_s: float = 600) -> List[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` local gloo ranks.
+              threads_per_rank: Optional[int] = None, collective_timeout_s: float = 600,
+              device: DeviceChoice = CPU) -> List[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` local ranks, on the CPU with gloo
+    or, with a ``cuda`` choice (``folding.run.device.pick_device``), one GPU per rank with NCCL.
 
     ``fn`` must be importable (a module-level function) and return something picklable.
     ``timeout_s`` bounds the whole run; on expiry every rank is stopped and RankFailed names the
@@ -152,7 +162,7 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout_s: Optional[flo
     threads = threads_per_rank or 1
     processes = [ctx.Process(target=_worker, daemon=True,
                              args=(r, world_size, port, threads, fn, args, results,
-                                   collective_timeout_s))
+                                   collective_timeout_s, device))
                  for r in range(world_size)]
     for p in processes:
         p.start()

@@ -6,6 +6,9 @@ Megatron's optimizer and learning-rate scheduler, and runs steps with Megatron's
 schedules (``get_forward_backward_func``: no pipelining, 1F1B, or interleaved).
 It can hand back this rank's parameters, reduced gradients and Adam state as shards, so a driver
 can rebuild full tensors, compare them with a reference, or save them under any folding.
+The model lives on the rank's device (``folding.run.device.rank_device``: its GPU under NCCL,
+else the CPU); the shards it hands back are always CPU tensors, so that they pickle, travel
+through gloo or NCCL object collectives and compare with CPU references alike.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def forward_step(data_iterator, model):
     def loss_func(output_tensor):
         losses = output_tensor.float().reshape(-1)
         total = losses.sum()
-        count = torch.tensor(losses.numel(), dtype=torch.int)
+        count = torch.tensor(losses.numel(), dtype=torch.int, device=losses.device)
         return total, count, {"lm loss": torch.stack([total.detach(), count.float()])}
 
     return output, loss_func
@@ -83,6 +86,11 @@ def _this_cp_rank_part(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor
     if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters:
         kwargs["is_hybrid_cp"] = False
     return get_batch_on_this_cp_rank(dict(batch), **kwargs)
+
+
+def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A detached CPU copy that shares no storage with ``tensor`` (one copy from a GPU)."""
+    return tensor.detach().to("cpu", copy=True)
 
 
 @dataclass
@@ -108,8 +116,10 @@ class RankTrainer:
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
         from folding.megatron.groups import initialize
+        from folding.run.device import rank_device
 
         self.arch, self.training, self.spec = arch, training, spec
+        self.device = rank_device()
         self.routing = routing or MoERouting.from_training(training)
         self.rank = dist.get_rank()
         if not ps.model_parallel_is_initialized():
@@ -162,11 +172,11 @@ class RankTrainer:
                 param.copy_(local[key])
 
     def param_shard(self) -> Dict[ShardKey, torch.Tensor]:
-        return {k: p.detach().clone() for k, p in self.params.items()}
+        return {k: _host_copy(p) for k, p in self.params.items()}
 
     def grad_shard(self) -> Dict[ShardKey, torch.Tensor]:
         """Reduced gradients (Megatron's main_grad) of this rank's parameters."""
-        return {k: p.main_grad.detach().float().clone() for k, p in self.params.items()}
+        return {k: _host_copy(p.main_grad.float()) for k, p in self.params.items()}
 
     def _adam_states(self):
         """(shard key, Adam state dict) for every parameter this rank optimises."""
@@ -187,7 +197,7 @@ class RankTrainer:
         for key, state in self._adam_states():
             for field in out:
                 if field in state:
-                    out[field][key] = state[field].detach().clone()
+                    out[field][key] = _host_copy(state[field])
         return out
 
     def adam_step(self) -> int:
@@ -202,7 +212,8 @@ class RankTrainer:
         for key, state in self._adam_states():
             param = self.params[key]
             for field, values in local.items():
-                state[field] = values[key].clone().to(param.dtype)
+                state[field] = values[key].to(device=param.device, dtype=param.dtype,
+                                              copy=True)
             # Adam keeps its step count as a float tensor; restore it in the same form.
             state["step"] = torch.tensor(float(adam_step))
 
@@ -328,7 +339,8 @@ class RankTrainer:
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
 
-        local = torch.zeros(2, dtype=torch.float64)
+        # On the rank's device: NCCL reduces GPU tensors only.
+        local = torch.zeros(2, dtype=torch.float64, device=self.device)
         if ps.is_pipeline_last_stage(ignore_virtual=True) and losses:
             for item in losses:
                 total, count = item["lm loss"].double()

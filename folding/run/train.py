@@ -1,6 +1,7 @@
-"""The main job: train a recipe's model on local CPU ranks in a folded layout.
+"""The main job: train a recipe's model on local ranks in a folded layout.
 
-Every rank runs Megatron-Core's GPT + MoE model under the CPU runtime; rank 0 shows a progress
+The ranks run on the CPU with gloo, every one under the CPU runtime, or with one GPU per rank
+and NCCL (``TrainOptions.device``, resolved by ``folding.run.device``); rank 0 shows a progress
 bar and the loss at each logging interval; the parent collects a summary. Checkpoints use the
 full layout (``folding.layout.checkpoint``), so ``--load`` works under any folding of the same model.
 """
@@ -18,6 +19,7 @@ from folding.errors import FoldingError
 from folding.megatron.model import MoERouting
 from folding.mesh import FoldingSpec
 from folding.recipe import Recipe, load_recipe
+from folding.run.device import DeviceChoice
 
 
 @dataclass
@@ -43,6 +45,8 @@ class TrainOptions:
     """Tokens per MoE layer in the trace."""
     log_interval: Optional[int] = None
     progress: bool = True
+    device: str = "auto"
+    """auto, cpu or cuda (``folding.run.device.resolve_device``)."""
 
     def load_placement(self, recipe: Recipe):
         """The placement, checked against the model and folding (None without one)."""
@@ -79,7 +83,7 @@ class TrainOptions:
         if self.log_interval:
             training = dataclasses.replace(training, log_interval=self.log_interval)
         if spec.world_size > 64:
-            raise FoldingError(f"folding train runs local CPU ranks; {spec.world_size} is too many")
+            raise FoldingError(f"folding train runs local ranks; {spec.world_size} is too many")
         micro = training.micro_batch_size * spec.dp
         if training.global_batch_size % micro:
             raise FoldingError(f"global batch {training.global_batch_size} is not divisible by "
@@ -105,6 +109,8 @@ class TrainSummary:
     traffic: Optional[list] = None
     degrees: Dict[str, object] = field(default_factory=dict)
     """The resolved folding (``FoldingSpec.degrees``: tp, cp, ..., cp_comm_type)."""
+    device: Optional[DeviceChoice] = None
+    """Where the ranks ran, and why."""
 
     @property
     def first_loss(self) -> float:
@@ -123,6 +129,7 @@ class TrainSummary:
                 "last_loss": self.last_loss, "losses": self.losses, "wall_s": self.wall_s,
                 "train_s": self.train_s, "tokens_per_s": self.tokens_per_s,
                 "saved": self.saved, "trace": self.trace, "traced_tokens": self.traced_tokens,
+                "device": self.device.to_json() if self.device else None,
                 "traffic": self.traffic}
 
 
@@ -132,6 +139,7 @@ def _train_rank(rank: int, world: int, options: TrainOptions, recipe: Recipe) ->
     from folding.layout import checkpoint
     from folding.megatron.cpu_runtime import enable
     from folding.run.corpus import ByteCorpus, micro_batches
+    from folding.run.device import synchronize
     from folding.run.rank_trainer import RankTrainer
 
     enable()
@@ -161,10 +169,12 @@ def _train_rank(rank: int, world: int, options: TrainOptions, recipe: Recipe) ->
     bar = tqdm(total=steps, desc=f"train {recipe.name}", unit="step", disable=not show,
                file=sys.stderr, dynamic_ncols=True)
     losses: List[float] = []
+    device = trainer.device
+    synchronize(device)
     started = time.perf_counter()
     for step in range(first, first + steps):
         batch = corpus.global_batch(training.seed, step, training.global_batch_size,
-                                    training.seq_length)
+                                    training.seq_length, device=device)
         result = trainer.step(micro_batches(batch, dp_rank, spec.dp, per_rank,
                                             training.micro_batch_size))
         losses.append(result.loss)
@@ -179,6 +189,7 @@ def _train_rank(rank: int, world: int, options: TrainOptions, recipe: Recipe) ->
                       f"grad norm {result.grad_norm:.3f} | "
                       f"{done * tokens_per_step / elapsed:,.0f} tokens/s", file=sys.stderr)
     bar.close()
+    synchronize(device)
     train_s = time.perf_counter() - started
     traced = tracer.write(options.trace_out) if tracer else None
     if options.save:
@@ -194,9 +205,11 @@ def _train_rank(rank: int, world: int, options: TrainOptions, recipe: Recipe) ->
 
 
 def train(options: TrainOptions, timeout_s: Optional[float] = None) -> TrainSummary:
+    from folding.run.device import pick_device
     from folding.run.launch import run_ranks
 
     recipe = options.resolve()
+    device = pick_device(options.device, recipe.folding.world_size)
     options.load_placement(recipe)  # a bad placement is refused before any rank starts
     if options.trace_out is not None and options.trace_tokens < 1:
         raise FoldingError(f"--trace-tokens must be positive, not {options.trace_tokens}")
@@ -207,7 +220,7 @@ def train(options: TrainOptions, timeout_s: Optional[float] = None) -> TrainSumm
             raise FoldingError(f"{options.load} is not a checkpoint: meta.json is missing")
     started = time.perf_counter()
     results = run_ranks(_train_rank, recipe.folding.world_size, options, recipe,
-                        timeout_s=timeout_s)
+                        timeout_s=timeout_s, device=device)
     head = results[0]
     if not head["losses"]:
         raise FoldingError("nothing to train: the recipe's train_iters are done; pass --steps")
@@ -218,4 +231,4 @@ def train(options: TrainOptions, timeout_s: Optional[float] = None) -> TrainSumm
                         train_s=head["train_s"], tokens_per_s=head["tokens_per_s"],
                         saved=options.save, trace=options.trace_out,
                         traced_tokens=head["traced_tokens"], traffic=head["traffic"],
-                        degrees=recipe.folding.degrees())
+                        degrees=recipe.folding.degrees(), device=device)

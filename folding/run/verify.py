@@ -2,7 +2,8 @@
 
 ``verify(case)`` runs the same model from the same weights on the same batches twice: once in a
 single process (the reference: TP = PP = EP = 1, every micro-batch in turn) and once on local
-gloo ranks in the folding under test. After every step it compares the loss, every reduced
+ranks in the folding under test, both on the same kind of device (``folding.run.device``: the
+CPU with gloo, or one GPU per rank with NCCL; never one of each). After every step it compares the loss, every reduced
 gradient and every updated parameter. Each rank compares its own shards with the reference
 (through the weight layout), so only per-tensor error sums travel back; every replica of a slice
 (DP, EDP and TP copies) is compared, so a replica that drifted is caught too.
@@ -30,6 +31,7 @@ from folding.megatron.groups import destroy
 from folding.megatron.model import MoERouting
 from folding.mesh import FoldingSpec
 from folding.recipe import Recipe, load_recipe
+from folding.run.device import DeviceChoice
 from folding.run.drop_decisions import DropCheck, DropDecisions
 
 LOSS_TOLERANCE = 1e-5
@@ -115,6 +117,8 @@ class VerifyReport:
     steps: List[StepComparison]
     drops: DropCheck = field(default_factory=DropCheck)
     traffic: Optional[list] = None
+    device: Optional[DeviceChoice] = None
+    """Where the reference and the folded ranks ran, and why."""
 
     @property
     def max_loss_rel_diff(self) -> float:
@@ -147,17 +151,18 @@ class VerifyReport:
                "drop_decisions": {"compared": self.drops.compared,
                                   "near_ties": self.drops.near_ties,
                                   "mismatches": len(self.drops.mismatches)},
-               "passed": self.passed}
+               "passed": self.passed,
+               "device": self.device.to_json() if self.device else None}
         if self.traffic is not None:
             out["traffic"] = self.traffic
         return out
 
 
 # ------------------------------------------------------------------------------ rank bodies
-def _micro_batches_for(case: VerifyCase, spec: FoldingSpec, rank: int, step: int, corpus):
+def _micro_batches_for(case: VerifyCase, spec: FoldingSpec, rank: int, step: int, corpus, device):
     from folding.run.corpus import micro_batches
 
-    batch = corpus.global_batch(case.seed, step, case.global_sequences, case.seq_len)
+    batch = corpus.global_batch(case.seed, step, case.global_sequences, case.seq_len, device)
     dp_rank = spec.coordinates(rank)["attention"]["dp"]
     per_rank = case.micro_batches * case.spec.dp // spec.dp
     return micro_batches(batch, dp_rank, spec.dp, per_rank, case.micro_batch_size)
@@ -183,7 +188,8 @@ def _reference_rank(rank: int, world: int, cases: List[VerifyCase], paths: List[
         steps = []
         for step in range(case.steps):
             decisions.start_step(step)
-            result = trainer.step(_micro_batches_for(case, spec, rank, step, corpus), keep_grads=True)
+            result = trainer.step(_micro_batches_for(case, spec, rank, step, corpus, trainer.device),
+                                  keep_grads=True)
             steps.append({"loss": result.loss,
                           "grads": unshard([result.grads], recipe.model, spec),
                           "params": unshard([trainer.param_shard()], recipe.model, spec)})
@@ -254,7 +260,8 @@ def _folded_case(rank: int, case: VerifyCase, reference_path: str):
     from folding.run.rank_trainer import RankTrainer
 
     recipe = case.load_recipe()
-    reference = torch.load(reference_path, weights_only=False)
+    # Every tensor in it is a CPU tensor, whichever device wrote it.
+    reference = torch.load(reference_path, weights_only=False, map_location="cpu")
     coords = case.spec.coordinates(rank)["attention"]
     shards = _sequence_shards(case.spec)
     group = (coords["tp"] if shards > 1 else 0) + shards * coords["cp"]
@@ -272,7 +279,8 @@ def _folded_case(rank: int, case: VerifyCase, reference_path: str):
     steps = []
     for step in range(case.steps):
         decisions.start_step(step)
-        result = trainer.step(_micro_batches_for(case, case.spec, rank, step, corpus), keep_grads=True)
+        result = trainer.step(_micro_batches_for(case, case.spec, rank, step, corpus, trainer.device),
+                              keep_grads=True)
         steps.append({"loss": result.loss,
                       "grads": _error_sums(result.grads, reference[step]["grads"], recipe.model,
                                            case.spec, rank, placement),
@@ -300,43 +308,51 @@ def _relative_by_tensor(per_rank: List[Dict]) -> Dict[str, float]:
             for name, (d, r) in totals.items()}
 
 
-def verify(case: VerifyCase, timeout_s: float = 1200, progress: bool = False) -> VerifyReport:
+def verify(case: VerifyCase, timeout_s: float = 1200, progress: bool = False,
+           device: str = "auto") -> VerifyReport:
     """Run the reference and the folded model; compare them step by step."""
-    return verify_many([case], timeout_s=timeout_s, progress=progress)[0]
+    return verify_many([case], timeout_s=timeout_s, progress=progress, device=device)[0]
 
 
 def verify_many(cases: List[VerifyCase], timeout_s: float = 3600,
-                progress: bool = False) -> List[VerifyReport]:
+                progress: bool = False, device: str = "auto") -> List[VerifyReport]:
     """Check several foldings, sharing process start-up: one single-process reference run for
-    all of them, then one spawn of ranks per world size that runs its cases in turn."""
+    all of them, then one spawn of ranks per world size that runs its cases in turn.
+
+    ``device`` (auto, cpu or cuda) is resolved once, for the largest world: the reference and
+    every folding run on the same kind of device, so that a difference is the folding's."""
     from tqdm import tqdm
 
+    from folding.run.device import pick_device
     from folding.run.launch import run_ranks
 
     for case in cases:
         case.load_placement()  # a bad placement file is refused before anything is spawned
     worlds = sorted({c.spec.world_size for c in cases})
+    choice = pick_device(device, worlds[-1])
     bar = tqdm(total=1 + len(worlds), desc="verify", unit="run", disable=not progress, leave=False)
     with tempfile.TemporaryDirectory(prefix="folding-verify-") as tmp:
         paths = [os.path.join(tmp, f"reference-{i}.pt") for i in range(len(cases))]
         bar.set_postfix_str("single-process reference")
-        run_ranks(_reference_rank, 1, cases, paths, timeout_s=timeout_s)
+        run_ranks(_reference_rank, 1, cases, paths, timeout_s=timeout_s, device=choice)
         bar.update()
         results: Dict[int, dict] = {}
         for world in worlds:
             bar.set_postfix_str(f"folded runs on {world} ranks")
             mine = [i for i, c in enumerate(cases) if c.spec.world_size == world]
             per_rank = run_ranks(_folded_rank, world, [cases[i] for i in mine],
-                                 [paths[i] for i in mine], timeout_s=timeout_s)
+                                 [paths[i] for i in mine], timeout_s=timeout_s, device=choice)
             for position, index in enumerate(mine):
                 results[index] = [rank_results[position] for rank_results in per_rank]
             bar.update()
-        references = [torch.load(p, weights_only=False)["steps"] for p in paths]
+        references = [torch.load(p, weights_only=False, map_location="cpu")["steps"]
+                      for p in paths]
     bar.close()
-    return [_report(case, references[i], results[i]) for i, case in enumerate(cases)]
+    return [_report(case, references[i], results[i], choice) for i, case in enumerate(cases)]
 
 
-def _report(case: VerifyCase, reference: list, results: list) -> VerifyReport:
+def _report(case: VerifyCase, reference: list, results: list,
+            device: Optional[DeviceChoice] = None) -> VerifyReport:
     ranks = [r["steps"] for r in results]
     drops = DropCheck(compared=sum(r["drops"].compared for r in results),
                       near_ties=sum(r["drops"].near_ties for r in results),
@@ -351,4 +367,4 @@ def _report(case: VerifyCase, reference: list, results: list) -> VerifyReport:
             loss_rel_diff=abs(folded_loss - ref_loss) / abs(ref_loss),
             grad_rel_diff=_relative_by_tensor([r[step]["grads"] for r in ranks]),
             param_rel_diff=_relative_by_tensor([r[step]["params"] for r in ranks])))
-    return VerifyReport(case, comparisons, drops, results[0]["traffic"])
+    return VerifyReport(case, comparisons, drops, results[0]["traffic"], device)

@@ -1,8 +1,9 @@
-"""Measure, inside the ranks of a real folded Megatron model on the CPU, the bytes that
+"""Measure, inside the ranks of a real folded Megatron model, the bytes that
 ``folding.cost.memory`` predicts.
 
 Unlike the rest of ``folding.cost`` this module has side effects: it builds Megatron's GPTModel,
-DDP and optimizer through ``RankTrainer`` on gloo ranks and runs them. Nothing in the cost
+DDP and optimizer through ``RankTrainer`` on local ranks (CPU ranks with gloo, or one GPU per rank
+with NCCL) and runs them. Nothing in the cost
 models imports it. Its functions run inside a rank and return plain numbers:
 
 - ``weight_bytes``: the bytes Megatron allocated for parameters (each distinct storage once: with
@@ -19,8 +20,10 @@ models imports it. Its functions run inside a rank and return plain numbers:
   forward until the backward, not short-lived buffers or the allocator's peak.
 - ``measure_cases``: the rank body that builds each ``Case`` in turn, steps it once and measures.
 
-``python -m folding.testing.memory_measure`` runs ``default_cases()`` on 8 gloo ranks and prints each
-measurement next to the memory model's prediction.
+``python -m folding.testing.memory_measure [--device auto|cpu|cuda]`` runs ``default_cases()`` on 8
+local ranks and prints each measurement next to the memory model's prediction. The activation
+predictions are those of the CPU's local kernels, which a GPU run without Transformer Engine
+uses too.
 """
 
 from __future__ import annotations
@@ -210,10 +213,11 @@ def forward_activation_bytes(trainer, micro_batch: Dict[str, torch.Tensor]) -> T
 
 # ----------------------------------------------------------------------------- rank body
 def _micro_batches(spec, rank: int, seq_length: int, micro_batch_size: int, count: int, corpus,
-                   step: int = 0):
+                   step: int = 0, device=None):
     from folding.run.corpus import micro_batches
 
-    batch = corpus.global_batch(1234 + step, 0, spec.dp * count * micro_batch_size, seq_length)
+    batch = corpus.global_batch(1234 + step, 0, spec.dp * count * micro_batch_size, seq_length,
+                                device)
     dp_rank = spec.coordinates(rank)["attention"]["dp"]
     # Own storage for every tensor: a slice of the global batch would keep all of it alive.
     return [{k: v.clone() for k, v in mb.items()}
@@ -231,12 +235,13 @@ def measure_case(rank: int, case: Case) -> Dict[str, Any]:
     trainer = RankTrainer(recipe.model, training, spec)
     corpus = ByteCorpus(training.data)
     trainer.step(_micro_batches(spec, rank, WEIGHT_STEP_SEQ_LENGTH, 1, WEIGHT_STEP_MICRO_BATCHES,
-                                corpus))
+                                corpus, device=trainer.device))
     weights = weight_bytes(trainer.chunks, trainer.ddp, trainer.optimizer)
     activations = []
     for seq_length, micro_batch_size in case.activation_shapes:
         micro_batch = _micro_batches(spec, rank, seq_length, micro_batch_size, 1, corpus,
-                                     step=seq_length + micro_batch_size)[0]
+                                     step=seq_length + micro_batch_size,
+                                     device=trainer.device)[0]
         saved, tokens = forward_activation_bytes(trainer, micro_batch)
         activations.append({"seq_length": seq_length, "micro_batch_size": micro_batch_size,
                             "bytes": saved, "expert_tokens": tokens})
@@ -261,11 +266,15 @@ def measure_cases(rank: int, world_size: int, cases: List[Case]) -> List[Dict[st
     return out
 
 
-def run_cases(cases: List[Case], world_size: int = 8, timeout_s: float = 900) -> List[List[Dict]]:
-    """Measure every case on ``world_size`` local gloo ranks (one spawn): result[case][rank]."""
+def run_cases(cases: List[Case], world_size: int = 8, timeout_s: float = 900,
+              device=None) -> List[List[Dict]]:
+    """Measure every case on ``world_size`` local ranks (one spawn): result[case][rank].
+    ``device`` is a ``folding.run.device.DeviceChoice``; the CPU with gloo when None."""
+    from folding.run.device import CPU
     from folding.run.launch import run_ranks
 
-    per_rank = run_ranks(measure_cases, world_size, cases, timeout_s=timeout_s)
+    per_rank = run_ranks(measure_cases, world_size, cases, timeout_s=timeout_s,
+                         device=device or CPU)
     return [[per_rank[r][i] for r in range(world_size)] for i in range(len(cases))]
 
 
@@ -353,9 +362,29 @@ def activation_ratios(case: Case, ranks: List[Dict], index: int) -> List[Tuple[f
     return out
 
 
-def main() -> None:
+def main(argv=None) -> int:
+    import argparse
+    import sys
+
+    from folding.errors import FoldingError
+    from folding.run.device import DEVICES, pick_device
+
+    parser = argparse.ArgumentParser(
+        prog="python -m folding.testing.memory_measure",
+        description="Measure the memory of real folded models against the memory model.")
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="cuda (one GPU per rank, NCCL), cpu (gloo) or auto (cuda when there "
+                             "are as many GPUs as ranks, else cpu; the default)")
+    args = parser.parse_args(argv)
+    world_size = 8  # the world of every default case (tiny-moe's)
+    try:
+        device = pick_device(args.device, world_size)
+    except FoldingError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    print(f"device: {device.reason}")
     cases = default_cases()
-    results = run_cases(cases)
+    results = run_cases(cases, world_size=world_size, device=device)
     print("Weights: bytes Megatron allocated vs exact_weight_memory, on every rank")
     exact = 0
     for case, ranks in zip(cases, results):
@@ -384,7 +413,8 @@ def main() -> None:
             print(f"  {case.load().folding.describe():<32} seq {seq:>3} mbs {mbs}: measured "
                   f"{measured:>8} predicted {predicted:>8} ratio {ratio:.3f} (expert load "
                   f"{load:.2f}; for even routing {even:.3f}); furthest rank {worst:.3f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
