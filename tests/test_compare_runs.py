@@ -224,7 +224,8 @@ def fake_gpu_machine(tmp_path):
     env = {k: v for k, v in os.environ.items()
            if k not in ("NPROC", "TP", "EP", "PP", "ETP", "MBS", "GBS", "ITERS", "PYTHON")}
     env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", MEGATRON_LM=str(megatron),
-               OUT=str(tmp_path / "out"), CALLS=str(tmp_path / "calls"),
+               OUT=str(tmp_path / "out"), CALLS=str(tmp_path / "calls"), JOBS_CHECK="0",
+               LAYER_CHECK="0",
                LOG_A=write_log(tmp_path / "stock.log"), LOG_B=str(tmp_path / "folded.log"))
     write_log(tmp_path / "folded.log")
     return tmp_path, env
@@ -271,6 +272,18 @@ def test_gpu_check_runs_both_and_reports_the_comparison(fake_gpu_machine):
         p.name for p in out.iterdir()}
     assert json.loads((out / "compare.json").read_text())["iterations_compared"] == ITERS
     assert "NPROC=8 TP=2 PP=1 EP=4" in (out / "env.txt").read_text()
+
+
+@pytest.mark.slow  # the script's environment report imports torch and Megatron-Core
+def test_gpu_check_fails_when_its_own_jobs_or_the_layer_check_fail(fake_gpu_machine):
+    tmp_path, env = fake_gpu_machine
+    env.update(JOBS_CHECK="1", LAYER_CHECK="1")  # the stand-in folding exits 3; no CUDA here
+    run = _run_gpu_check(env)
+    assert run.returncode == 1, run.stdout
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["ok"] is False and result["jobs_failed"] == ["train", "verify"]
+    assert result["iterations_compared"] == ITERS  # the comparison itself passed
+    assert "folding train --device cuda" in run.stdout.replace(env["PATH"].split(os.pathsep)[0] + "/", "")
 
 
 @pytest.mark.slow  # the script's environment report imports torch and Megatron-Core

@@ -16,7 +16,8 @@ rank hosts E/8 experts), hidden 1024. Megatron's: the token counts, permutation 
 expert) and both inverses with the unpermute sum. The folded one's: replica choice and
 deduplication (``choose_slots``, ``count_sends``, ``plan_rows``), the rows and their weights, the
 receive-side expansion and both sums. Its rows received stand in for rows from other ranks (the
-same distribution under uniform routing). The ratio is folded / Megatron, medians side by side.
+same distribution under uniform routing). The ratio is folded / Megatron, medians side by side;
+the peak bytes are those the work allocates beyond its inputs, followed op by op.
 
 The last line is one JSON object with every figure.
 
@@ -207,6 +208,53 @@ def folded_local_work(hidden, routing_map, probs, slots):
     return _sum_rows(row_sums, plan.row_token, hidden.shape[0])
 
 
+class _PeakBytes:
+    """Peak bytes of the tensors an operation sequence allocates (inputs excluded), followed
+    through a dispatch mode: each new storage counts from the first tensor that shows it until
+    the last tensor on it is freed. Meant for code run without autograd, as here."""
+
+    def __init__(self):
+        import weakref
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+        self.refs, self.sizes, self.current, self.peak = {}, {}, 0, 0
+
+        def free(key):
+            tracker.refs[key] -= 1
+            if tracker.refs[key] == 0:
+                tracker.current -= tracker.sizes.pop(key)
+                del tracker.refs[key]
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                    if not isinstance(t, torch.Tensor):
+                        continue
+                    key = t.untyped_storage().data_ptr()
+                    if key not in tracker.refs:
+                        nbytes = t.untyped_storage().nbytes()
+                        if nbytes == 0:
+                            continue
+                        tracker.refs[key], tracker.sizes[key] = 0, nbytes
+                        tracker.current += nbytes
+                        tracker.peak = max(tracker.peak, tracker.current)
+                    tracker.refs[key] += 1
+                    weakref.finalize(t, free, key)
+                return out
+
+        self.mode = Mode()
+
+
+def peak_bytes(fn) -> int:
+    tracker = _PeakBytes()
+    with torch.no_grad(), tracker.mode:
+        fn()
+    return tracker.peak
+
+
 def planning_table(repeats: int, sizes=PLANNING_SIZES):
     """Median seconds of both dispatchers' local work per size, measured alternately."""
     from folding.dispatcher.send_plan import SlotMap
@@ -229,17 +277,22 @@ def planning_table(repeats: int, sizes=PLANNING_SIZES):
                 fn()
                 times[name].append(time.perf_counter() - start)
         meg, fol = statistics.median(times["megatron"]), statistics.median(times["folded"])
+        peaks = {"megatron": peak_bytes(lambda: megatron_local_work(hidden, routing_map, probs)),
+                 "folded": peak_bytes(lambda: folded_local_work(hidden, routing_map, probs, slots))}
         figures.append({"tokens": tokens, "experts": experts, "topk": topk, "megatron_s": meg,
-                        "folded_s": fol, "ratio": fol / meg})
+                        "folded_s": fol, "ratio": fol / meg,
+                        "megatron_peak_bytes": peaks["megatron"], "folded_peak_bytes": peaks["folded"],
+                        "extra_peak_bytes": peaks["folded"] - peaks["megatron"]})
     return figures
 
 
 def print_planning(figures) -> float:
     print(f"{'tokens':>6s} {'experts':>7s} {'top-k':>5s} {'Megatron ms':>11s} {'folded ms':>9s} "
-          f"{'ratio':>6s}")
+          f"{'ratio':>6s} {'Megatron peak MB':>16s} {'folded peak MB':>14s}")
     for f in figures:
         print(f"{f['tokens']:6d} {f['experts']:7d} {f['topk']:5d} {1e3 * f['megatron_s']:11.1f} "
-              f"{1e3 * f['folded_s']:9.1f} {f['ratio']:6.2f}")
+              f"{1e3 * f['folded_s']:9.1f} {f['ratio']:6.2f} {f['megatron_peak_bytes'] / 2**20:16.1f} "
+              f"{f['folded_peak_bytes'] / 2**20:14.1f}")
     worst = max(f["ratio"] for f in figures)
     print(f"planning + local permutation, folded/Megatron on one thread: worst {worst:.2f} "
           f"(target <= 1.2)")

@@ -33,6 +33,8 @@ Environment (defaults in brackets):
   CONTROL      1: also run (a) a second time and compare it with the first, to show the noise
                floor of two stock runs [0]
   PYTHON       interpreter for the checks and compare_runs.py [python]
+  JOBS_CHECK   1: also run folding train and folding verify with --device cuda, folded
+               dispatcher, EP over every GPU (train_cuda.json, verify_cuda.json) [1]
   LAYER_CHECK  1: also time one MoE layer at EP1, folded vs Megatron, with synchronisations
                counted (tools/bench_layer_ep1.py; layer_ep1.txt, layer_ep1.json) [1]
   FOLDING      the folding command [folding]
@@ -199,6 +201,7 @@ if [[ "$CONTROL" == 1 ]]; then
 fi
 
 # ---------------------------------------------------------------- the comparison
+jobs_failed=()
 echo "== compare: $PYTHON tools/compare_runs.py $OUT/a.log $OUT/b.log --rtol $RTOL --skip-first 2"
 rc=0
 "$PYTHON" "$HERE/compare_runs.py" "$OUT/a.log" "$OUT/b.log" --rtol "$RTOL" --skip-first 2 \
@@ -215,4 +218,34 @@ if [[ "${LAYER_CHECK:-1}" == 1 ]]; then
     grep -v '^{' "$OUT/layer_ep1.txt" | tail -n 3
     tail -n 1 "$OUT/layer_ep1.txt" >"$OUT/layer_ep1.json"
 fi
+# ---------------------------------------------------------------- the project's own jobs on GPUs
+# folding train and verify with one GPU per rank (NCCL): the folded dispatcher on GPUs, checked
+# against a single process on the same device.
+if [[ "${JOBS_CHECK:-1}" == 1 ]]; then
+    echo "== $FOLDING train --device cuda --nproc $NPROC --dispatcher folded --steps 5 --json"
+    "$FOLDING" train --device cuda --nproc "$NPROC" --tp 1 --ep "$NPROC" --gpus-per-node "$NPROC" \
+        --dispatcher folded --steps 5 --json >"$OUT/train_cuda.json" 2>"$OUT/train_cuda.err" \
+        || { rc=1; jobs_failed+=(train); tail -n 5 "$OUT/train_cuda.err"; }
+    echo "== $FOLDING verify --device cuda --world-size $NPROC --ep $NPROC --dispatcher folded --json"
+    "$FOLDING" verify --device cuda --world-size "$NPROC" --tp 1 --ep "$NPROC" \
+        --gpus-per-node "$NPROC" --dispatcher folded --json >"$OUT/verify_cuda.json" \
+        2>"$OUT/verify_cuda.err" || { rc=1; jobs_failed+=(verify); tail -n 5 "$OUT/verify_cuda.err"; }
+fi
+
+# The last line: compare_runs.py's JSON object, with the other checks' results added.
+OUT="$OUT" RC="$rc" JOBS_FAILED="${jobs_failed[*]:-}" "$PYTHON" - <<'PY'
+import json, os
+out = os.environ["OUT"]
+def load(name):
+    path = os.path.join(out, name)
+    try:
+        with open(path) as f:
+            return json.loads(f.read().strip().splitlines()[-1])
+    except (OSError, ValueError, IndexError):
+        return None
+result = load("compare.json") or {}
+result.update(ok=os.environ["RC"] == "0", layer_ep1=load("layer_ep1.json"),
+              jobs_failed=os.environ["JOBS_FAILED"].split())
+print(json.dumps(result))
+PY
 exit "$rc"

@@ -81,10 +81,16 @@ def run_layer(layer, hidden: torch.Tensor, grad_output: torch.Tensor) -> LayerRu
              "token_combine", "combine_postprocess")
     originals = {h: getattr(dispatcher, h) for h in hooks}
 
+    # On a GPU the hooks only queue work: wait for it on both sides of each, or the clock
+    # measures launches.
+    sync = torch.cuda.synchronize if hidden.is_cuda else (lambda: None)
+
     def timer(fn):
         def wrapped(*args, **kwargs):
+            sync()
             start = time.perf_counter()
             out = fn(*args, **kwargs)
+            sync()
             timed["s"] += time.perf_counter() - start
             return out
         return wrapped
