@@ -57,6 +57,54 @@ def test_every_routed_pair_gets_a_slot_of_its_expert():
         assert (SLOTS.slot_expert[chosen[m]] == torch.nonzero(m)[:, 1]).all()
 
 
+def _replica_rule_one_pair_at_a_time(m, slots, own):
+    """The replica rule written as a plain loop over experts and tokens: the reference."""
+    expert_slots = {e: [s for s in range(slots.slot_expert.numel()) if slots.slot_expert[s] == e]
+                    for e in range(m.shape[1])}
+    rank = lambda s: s // slots.slots_per_rank  # noqa: E731
+    node = slots.rank_node.tolist()
+    chosen = [[-1] * m.shape[1] for _ in range(m.shape[0])]
+    for t in range(m.shape[0]):
+        for e in range(m.shape[1]):
+            if m[t, e] and len(expert_slots[e]) == 1:
+                chosen[t][e] = expert_slots[e][0]
+    for e, where in expert_slots.items():
+        if len(where) < 2:
+            continue
+        load = {s: 0 for s in where}
+        waiting = []
+        for t in range(m.shape[0]):
+            if not m[t, e]:
+                continue
+            sent = {rank(chosen[t][f]) for f in range(m.shape[1])
+                    if chosen[t][f] >= 0 and len(expert_slots[f]) == 1}
+            for rule in (lambda s: rank(s) in sent, lambda s: rank(s) == own,
+                         lambda s: node[rank(s)] == node[own]):
+                hits = [s for s in where if rule(s)]
+                if hits:
+                    chosen[t][e] = hits[0]
+                    load[hits[0]] += 1
+                    break
+            else:
+                waiting.append(t)
+        for t in waiting:  # least loaded after the rules above, tokens in order
+            best = min(where, key=lambda s: (load[s], s))
+            chosen[t][e] = best
+            load[best] += 1
+    return torch.tensor(chosen)
+
+
+def test_replica_rule_equals_the_rule_applied_one_pair_at_a_time():
+    g = torch.Generator().manual_seed(5)
+    # Expert 0 on node 0 only (two ranks); experts 1, 2, 3 on both nodes: every rule is needed.
+    slots = SlotMap(torch.tensor([0, 1, 2, 0, 3, 4, 5, 6, 7, 1, 2, 3]), 3, torch.tensor([0, 0, 1, 1]))
+    for own in range(4):
+        m = torch.zeros(300, 8, dtype=torch.bool)
+        m.scatter_(1, torch.multinomial(torch.ones(300, 8), 3, generator=g), True)
+        _, chosen = choose_replicas(m, slots, own)
+        assert torch.equal(chosen, _replica_rule_one_pair_at_a_time(m, slots, own))
+
+
 def test_greedy_least_loaded_matches_one_at_a_time():
     for loads, count in [([0, 0, 0], 7), ([5, 1, 3], 9), ([2, 2], 1), ([0, 4, 4, 1], 12)]:
         load = list(loads)
@@ -116,7 +164,8 @@ def test_traffic_counters_total_dispatches_until_reset():
     counters = TrafficCounters()
     hidden = torch.zeros(6, 16)  # 64 bytes a row
     for _ in range(2):
-        counters.record_dispatch(sends.counts[:, 0], m, probs, hidden, 2, SLOTS.rank_node, 2)
+        counters.record_rows(sends.counts[:, 0], hidden, 2, SLOTS.rank_node)
+        counters.record_pairs(m, probs, 2)
         counters.record_received(5)
     s = counters.summary()
     counts = sends.counts[:, 0]
@@ -143,3 +192,42 @@ def test_a_placement_of_the_wrong_size_is_a_folding_error_naming_the_sizes():
         FoldedTokenDispatcher.set_slot_experts(dispatcher, torch.arange(6))
     FoldedTokenDispatcher.set_slot_experts(dispatcher, torch.arange(8))
     assert dispatcher.slot_map is not None
+
+
+def test_node_layout_gateways_and_refusals():
+    from folding.dispatcher.send_plan import NodeLayout
+
+    layout = NodeLayout(torch.tensor([0, 0, 0, 1, 1, 1]), own_rank=4)
+    assert layout.active and layout.gateways.tolist() == [1, 4] and layout.own_node == 1
+    assert NodeLayout(torch.tensor([0, 1, 0, 1]), 0).reason == (
+        "the EP ranks of a node are not contiguous in the EP group")
+    assert "different numbers" in NodeLayout(torch.tensor([0, 0, 0, 1]), 0).reason
+    assert NodeLayout(torch.tensor([0, 0]), 0).reason == "all EP ranks are on one node"
+
+
+def test_relayed_rows_cross_each_remote_node_once_and_reach_the_same_ranks():
+    """Counts of the relay against the direct plan: a token goes once to a node hosting any of its
+    experts, and the gateway forwards exactly the rows the direct plan would have sent."""
+    from folding.dispatcher.send_plan import NodeLayout, plan_forward, relay_counts
+
+    g = torch.Generator().manual_seed(2)
+    experts, ranks, per_node, tokens = 16, 4, 2, 64
+    identity = SlotMap(torch.arange(experts), experts // ranks, torch.tensor([0, 0, 1, 1]))
+    m = torch.zeros(tokens, experts, dtype=torch.bool)
+    m.scatter_(1, torch.multinomial(torch.ones(tokens, experts), 4, generator=g), True)
+    slot_routed = choose_slots(m, identity, 0)
+    by_rank = count_sends(slot_routed, 4, ranks)
+    by_node = count_sends(slot_routed, 8, 2)
+    expected_nodes = m.view(tokens, 2, 8).any(dim=2).sum(dim=0)
+    assert by_node.counts[:, 0].tolist() == expected_nodes.tolist()
+    layout = NodeLayout(identity.rank_node, own_rank=1)
+    message = relay_counts(by_rank.counts, by_node.counts[:, 0], layout, layout.gateways)
+    # Rank 1 sends to gateways 1 (its own node) and 3; the rows each will forward are the direct plan's.
+    assert message[[0, 2], :].abs().sum() == 0
+    assert message[1, 0] == expected_nodes[0] and message[3, 0] == expected_nodes[1]
+    assert message[3, 1:].view(per_node, 5).tolist() == by_rank.counts[2:].tolist()
+    rows = plan_rows(by_node, slot_routed, int(by_node.counts[:, 0].sum()))
+    node1 = rows.row_mask[rows.row_columns[:, 0] >= 8]
+    source, member = plan_forward(node1, per_node, int(by_rank.counts[2:, 0].sum()))
+    assert torch.bincount(member, minlength=2).tolist() == by_rank.counts[2:, 0].tolist()
+    assert source.numel() == len(set(zip(source.tolist(), member.tolist())))

@@ -16,12 +16,15 @@ from folding.run.verify import VerifyCase, verify_many
 
 pytestmark = [pytest.mark.megatron, pytest.mark.multiprocess]
 
+# tiny-moe has 4 ranks per node: EP groups spanning both nodes relay through node gateways
+# (node-level deduplication, on by default); one folding spans 4 nodes of 2 ranks.
 FOLDINGS = [dict(tp=2, ep=4, etp=1), dict(tp=1, ep=8), dict(tp=4, ep=2, etp=2), dict(tp=2, ep=4, etp=2),
-            dict(tp=2, pp=2, ep=4, etp=1), dict(tp=2, pp=2, ep=2, etp=2)]
+            dict(tp=2, pp=2, ep=4, etp=1), dict(tp=2, pp=2, ep=2, etp=2),
+            dict(tp=1, ep=8, gpus_per_node=2)]
 ROUTINGS = [("router", {}), ("forced", dict(capacity_factor=1.0, drop_policy="probs")),
             ("forced", dict(capacity_factor=1.0, drop_policy="position", pad_to_capacity=True)),
             ("router", dict(capacity_factor=1.0, drop_policy="probs", pad_to_capacity=True)),
-            ("one rank", {})]
+            ("one rank", {}), ("router", dict(node_dedup=False))]
 
 
 def _compare_layers(rank, world, cases):

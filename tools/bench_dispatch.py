@@ -4,7 +4,9 @@
 On 8 local gloo ranks, for several foldings and routing skews, one MoE layer is built twice with
 identical weights and fed identical inputs and routing. The table gives the hidden-state bytes
 each dispatcher moves to other ranks and to other nodes (``--gpus-per-node`` simulates nodes),
-their ratio against the expected number of distinct destination ranks, and the wall-time ratio
+their ratio against the expected number of distinct destination ranks (rows marked ``n``: with
+node-level deduplication over 2 and 4 nodes, the cross-node ratio against the expected number of
+distinct destination nodes), and the wall-time ratio
 folded/Megatron of dispatch + combine (median of ``--repeats`` runs, measured side by side in one
 process). A placement solved on a structured trace is checked to send no more than the identity
 placement, on the routing it was solved on and on held-out tokens.
@@ -64,7 +66,11 @@ def routing_ids(kind: str, tokens: int, topk: int, generator: torch.Generator) -
 
 
 def _bytes_moved(dispatcher, own_rank: int, rank_node, row_bytes: int):
-    """(cross-rank, cross-node) hidden-state bytes of one dispatch, from its send counts."""
+    """(cross-rank, cross-node) hidden-state bytes of one dispatch: the folded dispatcher's
+    counters (both hops of a relayed dispatch), Megatron's send counts."""
+    if hasattr(dispatcher, "counters"):
+        summary = dispatcher.counters.summary()
+        return summary["bytes_node"] + summary["bytes_remote"], summary["bytes_remote"]
     counts = torch.as_tensor(list(dispatcher.input_splits), dtype=torch.long)
     others = torch.arange(counts.numel()) != own_rank
     remote = rank_node != rank_node[own_rank]
@@ -89,12 +95,16 @@ def _rank_body(rank, world, cases, options):
         arch = dataclasses.replace(recipe.model, num_experts=EXPERTS, moe_router_topk=case["topk"],
                                    hidden_size=HIDDEN, num_attention_heads=8, num_query_groups=8,
                                    moe_ffn_hidden_size=64)
-        spec = FoldingSpec(world_size=world, gpus_per_node=options["gpus_per_node"],
+        spec = FoldingSpec(world_size=world,
+                           gpus_per_node=case.get("gpus_per_node", options["gpus_per_node"]),
                            num_experts=EXPERTS, **case["folding"])
         initialize(spec)
         layers = {"megatron": build_layer(arch, recipe.training, spec, MoERouting("alltoall"))}
         layers["folded"] = build_layer(arch, recipe.training, spec, MoERouting("folded"))
         copy_weights(layers["megatron"], layers["folded"])
+        # Rows per rank (the rank-level deduplication) unless the case is about nodes.
+        layers["folded"].token_dispatcher.node_dedup = (
+            case.get("node_dedup", False) and layers["folded"].token_dispatcher.nodes.active)
         if case.get("placement") is not None:
             layers["placed"] = build_layer(arch, recipe.training, spec, MoERouting("folded"),
                                            placement=case["placement"])
@@ -116,6 +126,8 @@ def _rank_body(rank, world, cases, options):
         for repeat in range(options["repeats"] + 1):
             order = list(layers.items())
             for name, layer in (order if repeat % 2 else order[::-1]):  # alternate who goes first
+                if hasattr(layer.token_dispatcher, "counters"):
+                    layer.token_dispatcher.counters.reset()
                 run = run_layer(layer, hidden, grad)
                 if repeat:  # the first run of each warms up
                     times[name].append(run.dispatch_combine_s)
@@ -323,6 +335,12 @@ def main(argv=None) -> int:
                     continue
                 cases.append(dict(folding=folding, topk=topk, routing=routing))
                 labels.append((fname, topk, routing))
+    # Node-level deduplication: EP8 over 2 and 4 nodes, uniform routing.
+    for per_node in (4, 2):
+        for topk in (2, 8):
+            cases.append(dict(folding=foldings["TP1 EP8"], topk=topk, routing="uniform",
+                              gpus_per_node=per_node, node_dedup=True))
+            labels.append((f"TP1 EP8 {8 // per_node}n", topk, "uniform"))
     # A solved placement against the identity placement on structured routing (TP1 EP8): on
     # the routing it was solved on ("fit") and on held-out tokens of the same trace ("held out").
     for topk in (2, 8):
@@ -347,7 +365,12 @@ def main(argv=None) -> int:
         meg, fol = t["megatron"], t["folded"]
         ratio = fol["cross_rank_bytes"] / meg["cross_rank_bytes"]
         node_ratio = (fol["cross_node_bytes"] / meg["cross_node_bytes"]) if meg["cross_node_bytes"] else float("nan")
-        expected = expected_ratio(EXPERTS, cases[i]["folding"]["ep"], topk) if routing == "uniform" else None
+        relayed = cases[i].get("node_dedup", False)
+        expected = (expected_ratio(EXPERTS, cases[i]["folding"]["ep"], topk)
+                    if routing == "uniform" and not relayed else None)
+        # Relayed: cross-node rows over Megatron's cross-node copies follow distinct nodes.
+        expected_node = (expected_ratio(EXPERTS, 8 // cases[i]["gpus_per_node"], topk)
+                         if relayed else None)
         time_ratio = fol["seconds"] / meg["seconds"]
         placed = t.get("placed")
         row = {"folding": fname, "topk": topk, "routing": routing,
@@ -356,12 +379,14 @@ def main(argv=None) -> int:
                "megatron_cross_node_bytes": meg["cross_node_bytes"],
                "folded_cross_node_bytes": fol["cross_node_bytes"],
                "bytes_ratio": ratio, "expected_ratio": expected, "node_bytes_ratio": node_ratio,
+               "node_dedup": relayed, "expected_node_ratio": expected_node,
                "time_ratio": time_ratio, "megatron_s": meg["seconds"], "folded_s": fol["seconds"]}
         if placed:
             row.update(placed_cross_rank_bytes=placed["cross_rank_bytes"],
                        placed_cross_node_bytes=placed["cross_node_bytes"])
         figures.append(row)
-        expected_text = f"{expected:.3f}" if expected else "-"
+        expected_text = (f"{expected:.3f}" if expected else
+                         f"n {expected_node:.3f}" if expected_node else "-")
         placed_text = f"{placed['cross_rank_bytes'] / 1e6:.2f}" if placed else "-"
         print(f"{fname:14s} {topk:5d} {routing:>10s} {meg['cross_rank_bytes'] / 1e6:11.2f} "
               f"{fol['cross_rank_bytes'] / 1e6:9.2f} {ratio:6.3f} {expected_text:>8s} "
@@ -369,10 +394,14 @@ def main(argv=None) -> int:
     uniform = [f for f in figures if f["expected_ratio"]]
     worst_expected = max(abs(f["bytes_ratio"] / f["expected_ratio"] - 1) for f in uniform)
     structured = [f for f in figures if "placed_cross_rank_bytes" in f]
+    relayed = [f for f in figures if f["node_dedup"]]
     summary = {
         "max_deviation_from_expected": worst_expected,
         "max_time_ratio": max(f["time_ratio"] for f in figures),
         "median_time_ratio": statistics.median(f["time_ratio"] for f in figures),
+        "max_node_deviation_from_expected": max(
+            abs(f["node_bytes_ratio"] / f["expected_node_ratio"] - 1) for f in relayed),
+        "max_node_dedup_time_ratio": max(f["time_ratio"] for f in relayed),
         "placement_never_worse": all(f["placed_cross_rank_bytes"] <= f["folded_cross_rank_bytes"]
                                      for f in structured),
         "seconds": time.time() - start,
@@ -381,6 +410,10 @@ def main(argv=None) -> int:
           f"distinct-destination ratio (target 2%)")
     print(f"dispatch + combine time folded/Megatron: median {summary['median_time_ratio']:.2f}, "
           f"worst {summary['max_time_ratio']:.2f} (target <= 1.2)")
+    print(f"node-level deduplication (EP8 on 2 and 4 nodes): cross-node bytes within "
+          f"{100 * summary['max_node_deviation_from_expected']:.2f}% of the expected distinct-node "
+          f"ratio (target 2%), time folded/Megatron worst {summary['max_node_dedup_time_ratio']:.2f} "
+          f"(target <= 1.2)")
     print(f"solved placement sends no more than identity, on the routing it was solved on and "
           f"on held-out routing: {summary['placement_never_worse']}")
     planning = planning_table(3 if args.quick else 7)

@@ -25,6 +25,9 @@ def register(sub) -> None:
     p.add_argument("--capacity-factor", type=float, help="token capacity per expert (default: dropless)")
     p.add_argument("--drop-policy", choices=("probs", "position"), default="probs")
     p.add_argument("--pad-to-capacity", action="store_true")
+    p.add_argument("--node-dedup", choices=("auto", "on", "off"), default="auto",
+                   help="folded dispatcher: send a token once per remote node, through one rank "
+                        "there (auto: when the EP group spans several nodes)")
     p.add_argument("--seq-len", type=int, default=32)
     p.add_argument("--micro-batches", type=int, default=2, help="micro-batches per DP rank per step")
     p.add_argument("--micro-batch-size", type=int, default=2)
@@ -46,7 +49,8 @@ def case_from_args(args: argparse.Namespace) -> VerifyCase:
                              num_attention_heads=model.num_attention_heads,
                              num_query_groups=model.query_groups)
     routing = MoERouting(dispatcher=args.dispatcher, capacity_factor=args.capacity_factor,
-                         drop_policy=args.drop_policy, pad_to_capacity=args.pad_to_capacity)
+                         drop_policy=args.drop_policy, pad_to_capacity=args.pad_to_capacity,
+                         node_dedup={"auto": None, "on": True, "off": False}[args.node_dedup])
     return VerifyCase(spec=spec, routing=routing, recipe=args.recipe, steps=args.steps,
                       seq_len=args.seq_len, micro_batches=args.micro_batches,
                       micro_batch_size=args.micro_batch_size, seed=args.seed,

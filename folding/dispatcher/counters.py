@@ -33,21 +33,25 @@ class TrafficCounters:
         self._destination = None
         self._pairs = self._received = self.dispatches = 0
 
-    def record_dispatch(self, rows: torch.Tensor, routing_map: torch.Tensor, probs: torch.Tensor,
-                        hidden: torch.Tensor, own_rank: int, rank_node: torch.Tensor,
-                        topk: int) -> None:
-        """``rows``: int64 [P] on the data's device, rows sent to each EP rank."""
+    def record_rows(self, rows: torch.Tensor, hidden: torch.Tensor, own_rank: int,
+                    rank_node: torch.Tensor) -> None:
+        """``rows``: int64 [P] on the data's device, rows sent to each EP rank (each hop of a
+        relayed dispatch is recorded)."""
         if self._rows is None:
             self._rows = torch.zeros_like(rows)
             self._bytes = torch.zeros_like(rows)
-            self._kept = torch.zeros((), dtype=torch.long, device=routing_map.device)
             # Each destination is this rank (0), another rank of its node (1) or another node (2).
             destination = torch.where(rank_node == rank_node[own_rank], 1, 2)
             destination[own_rank] = 0
             self._destination = destination.cpu()
         self._rows += rows
         self._bytes += rows * (hidden.shape[-1] * hidden.element_size())
-        # Pairs that survived capacity carry a weight; padding adds weightless pairs.
+
+    def record_pairs(self, routing_map: torch.Tensor, probs: torch.Tensor, topk: int) -> None:
+        """One dispatch's routed pairs: kept by capacity (they carry a weight; padding adds
+        weightless pairs) and offered."""
+        if self._kept is None:
+            self._kept = torch.zeros((), dtype=torch.long, device=routing_map.device)
         self._kept += (routing_map & (probs != 0)).sum()
         self._pairs += routing_map.shape[0] * topk
         self.dispatches += 1
@@ -63,7 +67,7 @@ class TrafficCounters:
                     0, self._destination, totals.long().cpu())
                 for name, value in zip(("self", "node", "remote"), by_class.tolist()):
                     out[f"{kind}_{name}"] = value
-            kept = int(self._kept)
+            kept = int(self._kept) if self._kept is not None else 0
             out.update(pairs_routed=kept, pairs_dropped=self._pairs - kept)
         out["received"] = self._received
         return dict(out, dispatches=self.dispatches)

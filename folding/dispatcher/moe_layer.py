@@ -54,7 +54,7 @@ class FoldedMoELayer(MoELayer):
 
     def __init__(self, config, submodules=None, layer_number: Optional[int] = None,
                  pg_collection=None, *, placement, moe_ordinal: Dict[int, int],
-                 gpus_per_node: int, **kwargs):
+                 gpus_per_node: int, node_dedup: Optional[bool] = None, **kwargs):
         if pg_collection is None:
             from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 
@@ -69,7 +69,8 @@ class FoldedMoELayer(MoELayer):
         self.moe_ordinal = moe_ordinal
         self.slots_per_rank = slots
         self.num_local_experts = slots
-        self.token_dispatcher = FoldedTokenDispatcher(config, pg_collection, slots, gpus_per_node)
+        self.token_dispatcher = FoldedTokenDispatcher(config, pg_collection, slots, gpus_per_node,
+                                                      node_dedup=node_dedup)
         self.replica_groups: List[List[int]] = []
         if layer_number is not None:
             self._apply_placement()
@@ -133,7 +134,8 @@ def experts_class(layer_spec) -> Optional[type]:
     return _built_class(getattr(submodules, "experts", None))
 
 
-def folded_layer_spec(layer_spec, placement, moe_ordinal: Dict[int, int], gpus_per_node: int):
+def folded_layer_spec(layer_spec, placement, moe_ordinal: Dict[int, int], gpus_per_node: int,
+                      node_dedup: Optional[bool] = None):
     """A copy of a Megatron GPT layer spec whose MoE layer is ``FoldedMoELayer``.
 
     The folded layer builds one module per placement slot, so the spec's experts must be
@@ -146,7 +148,8 @@ def folded_layer_spec(layer_spec, placement, moe_ordinal: Dict[int, int], gpus_p
     if experts is not None and not issubclass(experts, SequentialMLP):
         raise FoldingError(f"the folded MoE layer needs SequentialMLP experts, the layer spec has "
                            f"{experts.__name__} (grouped GEMM); build the spec without grouped GEMM")
-    params = dict(placement=placement, moe_ordinal=moe_ordinal, gpus_per_node=gpus_per_node)
+    params = dict(placement=placement, moe_ordinal=moe_ordinal, gpus_per_node=gpus_per_node,
+                  node_dedup=node_dedup)
     if isinstance(mlp, functools.partial):
         folded = functools.partial(FoldedMoELayer, *mlp.args, **mlp.keywords, **params)
     else:

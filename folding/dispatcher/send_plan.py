@@ -38,9 +38,18 @@ class SlotMap:
         counts = torch.bincount(slot_expert)
         self.replicated: List[int] = torch.nonzero(counts > 1).flatten().tolist()
         """Logical experts with more than one slot, in expert order."""
-        self.replica_slots: List[torch.Tensor] = [torch.nonzero(slot_expert == e).flatten()
-                                                  for e in self.replicated]
-        """The slots of each replicated expert, in slot order."""
+        replicas = max((int(counts[e]) for e in self.replicated), default=0)
+        self.replica_experts = torch.tensor(self.replicated, dtype=torch.long, device="cpu")
+        self.replica_slots = torch.zeros(len(self.replicated), replicas, dtype=torch.long,
+                                         device="cpu")
+        """int64 [n, R]: the slots of each replicated expert in slot order, padded with slot 0."""
+        self.replica_valid = torch.zeros(len(self.replicated), replicas, dtype=torch.bool,
+                                         device="cpu")
+        """bool [n, R]: which entries of ``replica_slots`` are slots, not padding."""
+        for i, e in enumerate(self.replicated):
+            where = torch.nonzero(slot_expert == e).flatten()
+            self.replica_slots[i, :where.numel()] = where
+            self.replica_valid[i, :where.numel()] = True
         self.single_column = counts[slot_expert] == 1
         """bool [P*S]: the slot's expert has no other slot."""
         self.identity = bool(torch.equal(slot_expert, torch.arange(slot_expert.numel(), device="cpu")))
@@ -53,7 +62,6 @@ class SlotMap:
             copy = object.__new__(SlotMap)
             copy.__dict__.update({k: (v.to(device) if isinstance(v, torch.Tensor) else v)
                                   for k, v in self.__dict__.items() if k != "_devices"})
-            copy.replica_slots = [w.to(device) for w in self.replica_slots]
             copy._devices = self._devices
             self._devices[device] = copy
         return self._devices[device]
@@ -61,29 +69,19 @@ class SlotMap:
 
 def _greedy_least_loaded(loads: torch.Tensor, count: int) -> torch.Tensor:
     """Indices into ``loads`` for ``count`` items given one at a time to the least-loaded
-    candidate (ties: the lower index), exactly as the sequential greedy rule would.
-
-    Candidate i receives its k-th item when its level is loads[i] + k; sorting the (level, i)
-    keys of every item any candidate can receive gives the order of the greedy choices.
-    """
-    candidates = loads.numel()
-    if count == 0:
-        return torch.empty(0, dtype=torch.long, device=loads.device)
-    steps = torch.arange(count, device=loads.device)
-    levels = loads.view(-1, 1) + steps.view(1, -1)  # [m, count]
-    keys = levels * candidates + torch.arange(candidates, device=loads.device).view(-1, 1)
-    order = torch.argsort(keys.flatten())[:count]
-    return order // count
+    candidate (ties: the lower index), exactly as the sequential greedy rule would."""
+    return _greedy_least_loaded_each(loads.view(1, -1), count)[0]
 
 
 def choose_slots(routing_map: torch.Tensor, slots: SlotMap, own_rank: int) -> torch.Tensor:
     """bool [T, P*S]: the slot that serves each routed (token, expert) pair, one per pair.
 
-    Replica rule, deterministic: a replica on a rank the token is already being sent to (for
-    its other experts), else one on the token's own rank, else one on its own node, else the
-    replica least loaded in this batch so far. Experts with one replica are fixed first;
-    replicated experts are resolved in expert order, tokens in token order. Without replicas this
-    is one column gather; each replicated expert costs a few [T x replicas] operations.
+    Replica rule, deterministic: a replica on a rank the token is already sent to for an expert
+    with one slot, else one on the token's own rank, else one on its own node, else the replica
+    least loaded in this batch (after the pairs the first three rules placed), tokens taken in
+    order. Without replicas this is one column gather (none for the contiguous layout); the
+    replicated experts are resolved all together, with [T x replicated experts x replicas]
+    operations.
     """
     slots = slots.on(routing_map.device)
     if slots.identity and routing_map.shape[1] == slots.slot_expert.numel():
@@ -91,35 +89,59 @@ def choose_slots(routing_map: torch.Tensor, slots: SlotMap, own_rank: int) -> to
     routed = routing_map.index_select(1, slots.slot_expert)
     if not slots.replicated:
         return routed
+    device = routing_map.device
     tokens, num_ranks, per_rank = routing_map.shape[0], slots.num_ranks, slots.slots_per_rank
-    single = routed & slots.single_column
-    sending = single.view(tokens, num_ranks, per_rank).any(dim=2)
-    load = single.sum(dim=0)
-    own_node = slots.rank_node[own_rank]
-    for expert, where in zip(slots.replicated, slots.replica_slots):
-        ranks = slots.slot_rank[where]
-        count = where.numel()
-        token_routed = routing_map[:, expert]
-        pick = torch.full((tokens,), -1, dtype=torch.long, device=routing_map.device)
-        preferences = (sending[:, ranks],                                    # already sent to
-                       (ranks == own_rank).expand(tokens, -1),              # own rank
-                       (slots.rank_node[ranks] == own_node).expand(tokens, -1))  # own node
-        for allowed in preferences:
-            # The first allowed replica in slot order.
-            pick = torch.where((pick < 0) & allowed.any(dim=1), allowed.int().argmax(dim=1), pick)
-        resolved = token_routed & (pick >= 0)
-        # Loads of the resolved picks count before the least-loaded choice is made.
-        base = load[where].index_add(0, pick.clamp(min=0), resolved.long())
-        rest = token_routed & (pick < 0)
-        nth = torch.cumsum(rest, 0) - 1
-        greedy = _greedy_least_loaded(base, tokens)
-        pick = torch.where(rest, greedy[nth.clamp(min=0)], pick)
-        chosen = (torch.arange(count, device=pick.device) == pick.view(-1, 1)) & token_routed.view(-1, 1)
-        routed[:, where] = chosen
-        sending |= torch.zeros_like(sending).scatter_(
-            1, ranks[pick.clamp(min=0)].view(-1, 1), token_routed.view(-1, 1))
-        load.index_add_(0, where, chosen.sum(dim=0))
+    experts, replicas = slots.replica_slots.shape
+    valid = slots.replica_valid
+    ranks = slots.slot_rank[slots.replica_slots]                                   # [n, R]
+    sending = (routed & slots.single_column).view(tokens, num_ranks, per_rank).any(dim=2)
+    token_routed = routing_map.index_select(1, slots.replica_experts)              # [T, n]
+    # Each replica's rule tier: 3 the token is already sent to its rank (an expert with one slot
+    # there), 2 its rank is the token's own, 1 its node is the token's own, 0 none. The pick is
+    # the highest tier's first replica in slot order: the largest key below.
+    own_tier = torch.where(ranks == own_rank, 2,
+                           (slots.rank_node[ranks] == slots.rank_node[own_rank]).long())
+    sent_to = sending[:, ranks.view(-1)].view(tokens, experts, replicas)
+    order = replicas - torch.arange(replicas, device=device)
+    key = torch.where(sent_to, 3, own_tier) * (replicas + 1) + order
+    best, first = torch.where(valid, key, 0).max(dim=2)
+    pick = torch.where(best > replicas, first, -1)
+    resolved = token_routed & (pick >= 0)
+    cell = torch.arange(experts, device=device) * replicas + pick.clamp(min=0)
+    base = torch.zeros(experts * replicas, dtype=torch.long, device=device).index_add_(
+        0, cell.view(-1), resolved.view(-1).long()).view(experts, replicas)
+    # Padding never wins: its level starts above any real replica's last.
+    base = torch.where(valid, base, 2 * tokens + 1)
+    rest = token_routed & (pick < 0)
+    nth = (torch.cumsum(rest, dim=0) - 1).clamp(min=0)
+    greedy = _greedy_least_loaded_each(base, tokens)                              # [n, T]
+    pick = torch.where(rest, greedy.gather(1, nth.t()).t(), pick)
+    chosen = (torch.arange(replicas, device=device) == pick.unsqueeze(2)) & token_routed.unsqueeze(2)
+    routed[:, slots.replica_slots[valid]] = chosen[:, valid]
     return routed
+
+
+def _greedy_least_loaded_each(loads: torch.Tensor, count: int) -> torch.Tensor:
+    """``_greedy_least_loaded`` for every row of ``loads`` [n, m] at once: [n, count].
+
+    Candidate i receives an item at each level loads[i] + s. That item is the greedy rule's
+    k-th, where k counts the items every candidate j receives below that level, plus one for
+    each j < i that also receives one at it; scattering i to position k gives the sequence with
+    no sort. A loop over the m candidates (replicas of an expert: a handful), never over items.
+    """
+    rows, candidates = loads.shape
+    levels = loads.unsqueeze(2) + torch.arange(count, device=loads.device)  # [n, m, count]
+    position = torch.zeros_like(levels)
+    earlier = torch.arange(candidates, device=loads.device).view(1, -1, 1)
+    for j in range(candidates):
+        level_j = loads[:, j].view(rows, 1, 1)
+        position += (levels - level_j).clamp(min=0)
+        position += (level_j <= levels) & (j < earlier)
+    # Items past the first ``count`` land in one spare cell, dropped.
+    out = torch.zeros(rows, count + 1, dtype=torch.long, device=loads.device)
+    out.scatter_(1, position.clamp(max=count).view(rows, -1),
+                 earlier.expand(rows, -1, count).reshape(rows, -1))
+    return out[:, :count]
 
 
 @dataclass
@@ -177,3 +199,61 @@ def expand_received(row_mask: torch.Tensor, pairs: int):
     cells = torch.nonzero_static(row_mask.t().reshape(-1), size=pairs).view(-1)
     local = cells // rows
     return cells - local * rows, local
+
+
+class NodeLayout:
+    """Where the EP ranks sit, for node-level deduplication: a token goes once to each remote
+    node that hosts one of its experts, to one rank there (its gateway), which forwards it to
+    the ranks of its node that need it.
+
+    Requires the EP ranks of every node to be contiguous in EP order and equally many (the
+    layouts Megatron builds); ``reason`` says why node-level deduplication is off otherwise.
+    """
+
+    def __init__(self, rank_node: torch.Tensor, own_rank: int):
+        nodes = rank_node.tolist()
+        blocks = []
+        for rank, node in enumerate(nodes):
+            if not blocks or blocks[-1][0] != node:
+                blocks.append((node, []))
+            blocks[-1][1].append(rank)
+        sizes = {len(members) for _, members in blocks}
+        self.reason = None
+        if len({node for node, _ in blocks}) != len(blocks):
+            self.reason = "the EP ranks of a node are not contiguous in the EP group"
+        elif len(sizes) != 1:
+            self.reason = f"nodes hold different numbers of EP ranks ({sorted(sizes)})"
+        elif len(blocks) == 1:
+            self.reason = "all EP ranks are on one node"
+        self.num_nodes = len(blocks)
+        self.ranks_per_node = len(blocks[0][1])
+        self.own_node = own_rank // self.ranks_per_node if self.reason is None else 0
+        position = own_rank % self.ranks_per_node
+        self.gateways = torch.arange(self.num_nodes, device="cpu") * self.ranks_per_node + position
+        """int64 [N]: the rank of each node this rank sends its rows for that node to."""
+
+    @property
+    def active(self) -> bool:
+        return self.reason is None
+
+
+def relay_counts(rank_counts: torch.Tensor, node_rows: torch.Tensor, layout: NodeLayout,
+                 gateways: torch.Tensor) -> torch.Tensor:
+    """int64 [P, 1 + L(1+S)]: what this rank tells each gateway: its rows for the gateway's node,
+    then, for every rank of that node, the rows and per-slot pairs it will forward there."""
+    ranks, width = rank_counts.shape
+    per_node = rank_counts.view(layout.num_nodes, layout.ranks_per_node * width)
+    message = torch.zeros(ranks, 1 + layout.ranks_per_node * width, dtype=rank_counts.dtype,
+                          device=rank_counts.device)
+    message[gateways] = torch.cat([node_rows.view(-1, 1), per_node], dim=1)
+    return message
+
+
+def plan_forward(node_mask: torch.Tensor, ranks_per_node: int, rows: int):
+    """At a gateway: the rows to forward inside its node, grouped by destination, as (received
+    row, destination's index in the node), from the [M, L*S] routed mask of the received rows."""
+    received = node_mask.shape[0]
+    sent = node_mask.view(received, ranks_per_node, node_mask.shape[1] // ranks_per_node).any(dim=2)
+    cells = torch.nonzero_static(sent.t().reshape(-1), size=rows).view(-1)
+    member = cells // received
+    return cells - member * received, member

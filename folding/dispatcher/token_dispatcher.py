@@ -32,8 +32,8 @@ import torch
 import torch.distributed as dist
 
 from folding.dispatcher.counters import TrafficCounters
-from folding.dispatcher.send_plan import (SlotMap, choose_slots, count_sends, expand_received,
-                                          plan_rows)
+from folding.dispatcher.send_plan import (NodeLayout, SlotMap, choose_slots, count_sends,
+                                          expand_received, plan_forward, plan_rows, relay_counts)
 from folding.errors import FoldingError
 
 try:
@@ -71,7 +71,7 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
 
     def __init__(self, config, pg_collection, slots_per_rank: int, gpus_per_node: int,
                  counters: Optional[TrafficCounters] = None,
-                 host_wait_point: str = "token_dispatch"):
+                 host_wait_point: str = "token_dispatch", node_dedup: Optional[bool] = None):
         super().__init__(config=config, pg_collection=pg_collection)
         refuse_unsupported(config)
         if host_wait_point not in HOST_WAIT_POINTS:
@@ -88,6 +88,12 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
         self.counters = counters or TrafficCounters()
         self.hidden_shape = None
         self._host_counts = self._copied = None
+        self.nodes = NodeLayout(self.rank_node, self.ep_rank)
+        if node_dedup and not self.nodes.active and self.nodes.num_nodes > 1:
+            raise FoldingError(f"node-level deduplication cannot run: {self.nodes.reason}")
+        self.node_dedup = self.nodes.active if node_dedup is None else (node_dedup and self.nodes.active)
+        """Send a token once per remote node, through one rank there (on by default when the
+        EP group spans several nodes)."""
 
     def set_slot_experts(self, slot_expert: torch.Tensor) -> None:
         """The logical expert of every slot of this layer (``P*S`` entries)."""
@@ -106,21 +112,51 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
         self.slot_routed = choose_slots(routing_map, self.slot_map, self.ep_rank)
         self.sends = count_sends(self.slot_routed, self.slots_per_rank, self.ep_size)
         counts = self.sends.counts
-        received = counts
-        if self.ep_size > 1:
-            # Counts travel on the data's device: NCCL moves only GPU tensors.
-            received = torch.empty_like(counts)
-            dist.all_to_all_single(received, counts, group=self.ep_group)
-        if self.tp_size > 1:
-            peers = [torch.empty_like(received) for _ in range(self.tp_size)]
-            dist.all_gather(peers, received, group=self.tp_group)
-            received = torch.stack(peers)
-        self._start_copy(torch.cat([counts.reshape(-1), received.reshape(-1)]))
-        self.counters.record_dispatch(counts[:, 0], routing_map, probs, hidden, self.ep_rank,
-                                      self.rank_node, self.config.moe_router_topk)
+        if self.node_dedup:
+            host = self._node_counts(counts, hidden)
+        else:
+            received = counts
+            if self.ep_size > 1:
+                # Counts travel on the data's device: NCCL moves only GPU tensors.
+                received = self._all_to_all_counts(counts)
+            host = [counts[:, 0], self._gather_tp(received)]
+            self.counters.record_rows(counts[:, 0], hidden, self.ep_rank, self.rank_node)
+        self._start_copy(torch.cat([h.reshape(-1) for h in host]))
+        self.counters.record_pairs(routing_map, probs, self.config.moe_router_topk)
         if self.host_wait_point == "dispatch_preprocess":
             self._finish_copy()
         return hidden, probs
+
+    def _all_to_all_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        received = torch.empty_like(counts)
+        dist.all_to_all_single(received, counts, group=self.ep_group)
+        return received
+
+    def _gather_tp(self, received: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return received.unsqueeze(0)
+        peers = [torch.empty_like(received) for _ in range(self.tp_size)]
+        dist.all_gather(peers, received, group=self.tp_group)
+        return torch.stack(peers)
+
+    def _node_counts(self, rank_counts: torch.Tensor, hidden: torch.Tensor):
+        """Counts of the two hops: rows to each remote node's gateway, then, exchanged on from
+        the gateways, the rows each rank will receive inside its node."""
+        nodes, per_rank = self.nodes, self.slots_per_rank
+        self.node_sends = count_sends(self.slot_routed, nodes.ranks_per_node * per_rank,
+                                      nodes.num_nodes)
+        gateways = nodes.gateways.to(rank_counts.device)
+        to_gateways = relay_counts(rank_counts, self.node_sends.counts[:, 0], nodes, gateways)
+        at_gateway = self._all_to_all_counts(to_gateways)
+        relayed = at_gateway[:, 1:].view(self.ep_size, nodes.ranks_per_node, 1 + per_rank).sum(dim=0)
+        to_members = torch.zeros(self.ep_size, 1 + per_rank, dtype=relayed.dtype,
+                                 device=relayed.device)
+        first = nodes.own_node * nodes.ranks_per_node
+        to_members[first:first + nodes.ranks_per_node] = relayed
+        received = self._all_to_all_counts(to_members)
+        for rows in (to_gateways[:, 0], to_members[:, 0]):  # both hops cross links
+            self.counters.record_rows(rows, hidden, self.ep_rank, self.rank_node)
+        return [to_gateways[:, 0], at_gateway[:, 0], to_members[:, 0], self._gather_tp(received)]
 
     def _start_copy(self, counts: torch.Tensor) -> None:
         if counts.is_cuda:
@@ -142,48 +178,75 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
         if self._copied is not None:
             self._copied.synchronize()
         host, self._host_counts = self._host_counts, None
-        width = 1 + self.slots_per_rank
-        sent = host[:self.ep_size * width].view(self.ep_size, width)
-        received = host[self.ep_size * width:].view(-1, self.ep_size, width)
-        self.input_splits = sent[:, 0].tolist()
+        ranks, width = self.ep_size, 1 + self.slots_per_rank
+        if self.node_dedup:
+            to_gateways, at_gateway, to_members, host = host[:3 * ranks].view(3, ranks).split(1) + (
+                host[3 * ranks:],)
+            self.relay_input_splits = to_gateways.view(-1).tolist()
+            self.relay_output_splits = at_gateway.view(-1).tolist()
+            self.input_splits = to_members.view(-1).tolist()
+            self.relayed_rows = sum(self.relay_output_splits)
+            self.plan = plan_rows(self.node_sends, self.slot_routed, sum(self.relay_input_splits))
+        else:
+            self.input_splits = host[:ranks].tolist()
+            host = host[ranks:]
+            self.plan = plan_rows(self.sends, self.slot_routed, sum(self.input_splits))
+        received = host.view(-1, ranks, width)
         self.output_splits = received[self.tp_rank_in_group, :, 0].tolist()
         self.tp_splits = received[:, :, 0].sum(dim=1).tolist()
         self.received_rows = sum(self.tp_splits)
         self.tokens_per_slot = received[:, :, 1:].sum(dim=(0, 1))
         self.received_pairs = int(self.tokens_per_slot.sum())
-        self.plan = plan_rows(self.sends, self.slot_routed, sum(self.input_splits))
         self.row_token = self.plan.row_token
 
-    def token_dispatch(self, hidden_states: torch.Tensor, probs: torch.Tensor):
+    def _exchange(self, rows, probs, mask, output_splits, input_splits, gather_tp: bool):
+        """Rows with their weights and routed-pair mask through one all-to-all (and the ETP
+        all-gather): the weights and mask travel in the weights' dtype (0/1 is exact), in the
+        hidden states' message when the dtypes agree (fp32), one collective fewer."""
         from megatron.core.tensor_parallel import all_to_all
 
-        self._finish_copy()
-        plan, slot_expert = self.plan, self.slot_map.on(probs.device).slot_expert
-        # Routing weights of each row for the destination's local slots; the mask marks routed
-        # pairs (a padded pair may carry weight 0 and must still be computed).
-        row_probs = probs[plan.row_token.view(-1, 1), slot_expert[plan.row_columns]]
-        row_probs = torch.where(plan.row_mask, row_probs, torch.zeros((), dtype=probs.dtype,
-                                                                      device=probs.device))
-        rows = hidden_states.index_select(0, plan.row_token)
-        # Weights and the routed-pair mask travel together, in the weights' dtype (0/1 is exact);
-        # in the hidden states' message too when the dtypes agree (fp32), one collective fewer.
-        payload = torch.cat([row_probs, plan.row_mask.to(probs.dtype)], dim=1)
+        width = probs.shape[1]
+        payload = torch.cat([probs, mask.to(probs.dtype)], dim=1)
         together = payload.dtype == rows.dtype
         hidden_width = rows.shape[-1]
         messages = [torch.cat([rows, payload], dim=1)] if together else [rows, payload]
-        messages = [all_to_all(self.ep_group, m, self.output_splits, self.input_splits)
-                    for m in messages]
-        if self.tp_size > 1:
+        messages = [all_to_all(self.ep_group, m, output_splits, input_splits) for m in messages]
+        if gather_tp and self.tp_size > 1:
             from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
             messages = [gather_from_sequence_parallel_region(
                 m, group=self.tp_group, output_split_sizes=self.tp_splits) for m in messages]
         if together:
-            received, received_payload = messages[0].split([hidden_width, 2 * self.slots_per_rank], dim=1)
+            received, received_payload = messages[0].split([hidden_width, 2 * width], dim=1)
         else:
             received, received_payload = messages
-        received_probs, received_mask = received_payload.split(self.slots_per_rank, dim=1)
-        self.received_mask = received_mask.detach() != 0
+        received_probs, received_mask = received_payload.split(width, dim=1)
+        return received, received_probs, received_mask.detach() != 0
+
+    def token_dispatch(self, hidden_states: torch.Tensor, probs: torch.Tensor):
+        self._finish_copy()
+        plan, slot_expert = self.plan, self.slot_map.on(probs.device).slot_expert
+        # Routing weights of each row for the destination's slots (a node's, with node-level
+        # deduplication); the mask marks routed pairs (a padded pair may carry weight 0 and must
+        # still be computed).
+        row_probs = probs[plan.row_token.view(-1, 1), slot_expert[plan.row_columns]]
+        row_probs = torch.where(plan.row_mask, row_probs, torch.zeros((), dtype=probs.dtype,
+                                                                      device=probs.device))
+        rows = hidden_states.index_select(0, plan.row_token)
+        if self.node_dedup:
+            rows, row_probs, mask = self._exchange(rows, row_probs, plan.row_mask,
+                                                   self.relay_output_splits,
+                                                   self.relay_input_splits, gather_tp=False)
+            # At the gateway: one row for each rank of the node that hosts an expert of it.
+            shape = (rows.shape[0], self.nodes.ranks_per_node, self.slots_per_rank)
+            self.relay_source, member = plan_forward(mask, shape[1], sum(self.input_splits))
+            rows = rows.index_select(0, self.relay_source)
+            row_probs = row_probs.view(shape)[self.relay_source, member]
+            plan_mask = mask.view(shape)[self.relay_source, member]
+        else:
+            plan_mask = plan.row_mask
+        received, received_probs, self.received_mask = self._exchange(
+            rows, row_probs, plan_mask, self.output_splits, self.input_splits, gather_tp=True)
         return received, received_probs
 
     def dispatch_postprocess(self, hidden_states: torch.Tensor, probs: torch.Tensor):
@@ -206,7 +269,12 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
     def token_combine(self, hidden_states: torch.Tensor, *args, **kwargs):
         from megatron.core.tensor_parallel import all_to_all
 
-        return all_to_all(self.ep_group, hidden_states, self.input_splits, self.output_splits)
+        out = all_to_all(self.ep_group, hidden_states, self.input_splits, self.output_splits)
+        if self.node_dedup:
+            # At the gateway: each relayed row's sum over the ranks it went to, sent home once.
+            out = _sum_rows(out, self.relay_source, self.relayed_rows).to(hidden_states.dtype)
+            out = all_to_all(self.ep_group, out, self.relay_input_splits, self.relay_output_splits)
+        return out
 
     def combine_postprocess(self, hidden_states: torch.Tensor):
         tokens = self.hidden_shape.numel() // self.hidden_shape[-1]

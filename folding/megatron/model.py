@@ -36,6 +36,9 @@ class MoERouting:
     """probs (drop the lowest routing weights) or position (drop the latest tokens)."""
     pad_to_capacity: bool = False
     """Pad every expert's input to its capacity (needs a capacity factor)."""
+    node_dedup: Optional[bool] = None
+    """Folded dispatcher: send a token once per remote node, through one rank there that
+    forwards it inside its node. None: on when the EP group spans several nodes."""
 
     def __post_init__(self):
         if self.dispatcher not in DISPATCHERS:
@@ -187,7 +190,8 @@ def build_model_chunks(arch: ModelArch, training: TrainingSetup, spec: FoldingSp
 
         placement = placement if placement is not None else identity_placement(arch, spec)
         check_placement(placement, arch, spec)
-        layer_spec = folded_layer_spec(layer_spec, placement, arch.moe_ordinals(), spec.gpus_per_node)
+        layer_spec = folded_layer_spec(layer_spec, placement, arch.moe_ordinals(), spec.gpus_per_node,
+                                       node_dedup=routing.node_dedup)
     elif placement is not None:
         raise FoldingError("a placement needs the folded dispatcher (--dispatcher folded)")
     if spec.cp > 1:

@@ -113,6 +113,9 @@ def folded_layer_arguments(args):
     for name, flag, why in _REFUSED_FLAGS:
         if getattr(args, name, False):
             raise FoldingError(f"--folding-dispatcher does not work with {flag}: {why}")
+    from folding.dispatcher.token_dispatcher import refuse_unsupported
+
+    refuse_unsupported(args)  # CUDA-graph scopes over the planning, permute fusion, padding
     if getattr(args, "moe_token_dispatcher_type", "alltoall") == "flex":
         raise FoldingError("--folding-dispatcher does not work with --moe-token-dispatcher-type "
                            "flex: Megatron would first build its DeepEP/HybridEP dispatcher; "

@@ -31,7 +31,8 @@ def build_layer(arch: ModelArch, training: TrainingSetup, spec: FoldingSpec, rou
         from folding.dispatcher.moe_layer import folded_layer_spec
 
         placement = placement or identity_placement(arch, spec)
-        layer_spec = folded_layer_spec(layer_spec, placement, {1: 0}, spec.gpus_per_node)
+        layer_spec = folded_layer_spec(layer_spec, placement, {1: 0}, spec.gpus_per_node,
+                                       node_dedup=routing.node_dedup)
     model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
     mlp = layer_spec.submodules.mlp
