@@ -61,7 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser,
                             "--folding-dispatcher; default: Megatron's contiguous layout")
     group.add_argument("--folding-gpus-per-node", metavar="N", type=int, default=8,
                        help="ranks per node, for the layout report and the dispatcher's "
-                            "same-node replica choice (default 8)")
+                            "same-node replica choice and node-level deduplication (default 8)")
+    group.add_argument("--folding-node-dedup", choices=("auto", "on", "off"), default="auto",
+                       help="--folding-dispatcher sends a token once per remote node, through one "
+                            "rank there that forwards it inside its node (auto: when the EP group "
+                            "spans several nodes)")
     return then(parser) if then is not None else parser
 
 
@@ -132,7 +136,8 @@ def folded_layer_arguments(args):
         _check_checkpoint_format(args)
     else:
         placement = identity_placement(arch, spec)
-    return placement, arch.moe_ordinals(), spec.gpus_per_node, arch.num_layers
+    node_dedup = {"auto": None, "on": True, "off": False}[getattr(args, "folding_node_dedup", "auto")]
+    return placement, arch.moe_ordinals(), spec.gpus_per_node, arch.num_layers, node_dedup
 
 
 def _check_checkpoint_format(args) -> None:
@@ -154,7 +159,7 @@ def _check_checkpoint_format(args) -> None:
                            "under another placement")
 
 
-def fold(layer_or_block_spec, placement, ordinals, gpus_per_node, num_layers):
+def fold(layer_or_block_spec, placement, ordinals, gpus_per_node, num_layers, node_dedup=None):
     """``layer_or_block_spec`` with its MoE layers folded (``folded_layer_arguments`` gives the
     rest). Folding a folded spec changes nothing, so a patched script run by ``folding
     megatron`` is folded once."""
@@ -164,7 +169,7 @@ def fold(layer_or_block_spec, placement, ordinals, gpus_per_node, num_layers):
         return is_moe_layer_spec(layer_spec) and not is_folded_layer_spec(layer_spec)
 
     if hasattr(layer_or_block_spec, "layer_specs"):  # TransformerBlockSubmodules: this stage
-        layers = [folded_layer_spec(s, placement, ordinals, gpus_per_node) if to_fold(s)
+        layers = [folded_layer_spec(s, placement, ordinals, gpus_per_node, node_dedup) if to_fold(s)
                   else s for s in layer_or_block_spec.layer_specs]
         return dataclasses.replace(layer_or_block_spec, layer_specs=layers)
     if is_folded_layer_spec(layer_or_block_spec):
@@ -176,7 +181,7 @@ def fold(layer_or_block_spec, placement, ordinals, gpus_per_node, num_layers):
         raise FoldingError("--folding-dispatcher: a single layer spec makes every layer a MoE "
                            "layer, but --moe-layer-freq makes some dense; use the decoder block "
                            "spec")
-    return folded_layer_spec(layer_or_block_spec, placement, ordinals, gpus_per_node)
+    return folded_layer_spec(layer_or_block_spec, placement, ordinals, gpus_per_node, node_dedup)
 
 
 def context_parallel_spec(layer_or_block_spec, args):
