@@ -37,6 +37,20 @@ def register(sub) -> None:
     p.add_argument("--traffic", action="store_true", help="print what the folded dispatcher moved")
     p.add_argument("--trace-out", metavar="FILE", help="write a routing trace (.npz) for folding place")
     p.add_argument("--trace-tokens", type=int, default=8192, help="tokens per MoE layer in the trace")
+    g = p.add_argument_group("re-placement (with --dispatcher folded)")
+    g.add_argument("--replace-interval", type=int, metavar="N",
+                   help="every N steps, re-place the experts from live routing statistics and "
+                        "move them between two steps (parameters and Adam state, exactly)")
+    g.add_argument("--replace-max-moved", type=float, default=0.1, metavar="SHARE",
+                   help="share of each layer's slots one re-placement may move (default 0.1)")
+    g.add_argument("--replace-apply-after", type=int, metavar="STEPS",
+                   help="switch exactly STEPS steps after the solve starts, waiting for it if "
+                        "needed (repeatable runs; default: the first step after it is ready)")
+    g.add_argument("--replace-time-limit", type=float, default=10.0, metavar="SECONDS",
+                   help="time limit of each re-placement's solve (default 10)")
+    g.add_argument("--replace-always", action="store_true",
+                   help="apply every re-placement that moves a slot, even when its predicted "
+                        "saving does not cover the bytes moved (to check that switching is exact)")
     add_device_argument(p)
     add_json_argument(p)
     p.set_defaults(handler=run)
@@ -51,7 +65,11 @@ def options_from_args(args: argparse.Namespace) -> TrainOptions:
                         routing=routing, save=args.save, load=args.load,
                         log_interval=args.log_interval, placement=args.placement,
                         trace_out=args.trace_out, trace_tokens=args.trace_tokens,
-                        device=args.device)
+                        device=args.device, replace_interval=args.replace_interval,
+                        replace_max_moved=args.replace_max_moved,
+                        replace_apply_after=args.replace_apply_after,
+                        replace_time_limit=args.replace_time_limit,
+                        replace_always=args.replace_always)
 
 
 def summary_text(s: TrainSummary) -> str:
@@ -69,6 +87,12 @@ def summary_text(s: TrainSummary) -> str:
         lines.append(f"checkpoint written to {s.saved}")
     if s.trace:
         lines.append(f"routing trace of {s.traced_tokens} tokens per MoE layer written to {s.trace}")
+    if s.replacements is not None:
+        from folding.placement.live import Attempt
+
+        lines += [Attempt(**a).line() for a in s.replacements]
+        applied = sum(a["applied"] for a in s.replacements)
+        lines.append(f"re-placements: {applied} applied, {len(s.replacements) - applied} skipped")
     return "\n".join(lines)
 
 

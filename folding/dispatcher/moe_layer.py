@@ -79,6 +79,12 @@ class FoldedMoELayer(MoELayer):
         super().set_layer_number(layer_number)
         self._apply_placement()
 
+    def set_placement(self, placement) -> None:
+        """Follow another placement (every layer's row); the experts' weights are the caller's
+        to move (``RankTrainer.move_experts``)."""
+        self.placement_rows = placement.layers
+        self._apply_placement()
+
     def _apply_placement(self) -> None:
         # On the host even where the model is built on the meta device: the placement is data.
         row = torch.as_tensor(self.placement_rows[self.moe_ordinal[self.layer_number]], device="cpu")

@@ -47,6 +47,39 @@ class TrainOptions:
     progress: bool = True
     device: str = "auto"
     """auto, cpu or cuda (``folding.run.device.resolve_device``)."""
+    replace_interval: Optional[int] = None
+    """Re-place the experts every this many steps (``folding.run.replacement``); None: never."""
+    replace_max_moved: float = 0.1
+    """Share of each layer's slots a re-placement may move."""
+    replace_apply_after: Optional[int] = None
+    """Switch exactly this many steps after a solve starts; None: at the first boundary after
+    the solve is ready."""
+    replace_time_limit: float = 10.0
+    """Seconds a re-placement's solve may take."""
+    replace_always: bool = False
+    """Apply every solved placement that moves a slot, whatever it is predicted to save."""
+
+    def check_replacement(self, recipe: Recipe) -> None:
+        """Refuse re-placement settings that cannot work, with one line each."""
+        if self.replace_interval is None:
+            return
+        if self.replace_interval < 1:
+            raise FoldingError(f"--replace-interval must be a positive number of steps, not "
+                               f"{self.replace_interval}")
+        if not 0.0 <= self.replace_max_moved <= 1.0:
+            raise FoldingError(f"--replace-max-moved is a share of the slots in [0, 1], not "
+                               f"{self.replace_max_moved}")
+        if self.replace_apply_after is not None and self.replace_apply_after < 1:
+            raise FoldingError(f"--replace-apply-after must be a positive number of steps, not "
+                               f"{self.replace_apply_after}")
+        if not self.replace_time_limit > 0:
+            raise FoldingError(f"--replace-time-limit must be positive, not {self.replace_time_limit}")
+        routing = dataclasses.replace(MoERouting.from_training(recipe.training), **self.routing)
+        if routing.dispatcher != "folded":
+            raise FoldingError("--replace-interval needs the folded dispatcher (--dispatcher folded)")
+        if recipe.training.precision != "fp32" or recipe.training.use_distributed_optimizer:
+            raise FoldingError("--replace-interval moves Adam state of fp32 training with the "
+                               "plain optimizer only")
 
     def load_placement(self, recipe: Recipe):
         """The placement, checked against the model and folding (None without one)."""
@@ -111,6 +144,10 @@ class TrainSummary:
     """The resolved folding (``FoldingSpec.degrees``: tp, cp, ..., cp_comm_type)."""
     device: Optional[DeviceChoice] = None
     """Where the ranks ran, and why."""
+    replacements: Optional[list] = None
+    """One entry per re-placement attempt (``folding.placement.live.Attempt.to_json``)."""
+    placement: Optional[dict] = None
+    """The expert placement at the end, with the folded dispatcher."""
 
     @property
     def first_loss(self) -> float:
@@ -130,7 +167,8 @@ class TrainSummary:
                 "train_s": self.train_s, "tokens_per_s": self.tokens_per_s,
                 "saved": self.saved, "trace": self.trace, "traced_tokens": self.traced_tokens,
                 "device": self.device.to_json() if self.device else None,
-                "traffic": self.traffic}
+                "traffic": self.traffic, "replacements": self.replacements,
+                "placement": self.placement}
 
 
 def _train_rank(rank: int, world: int, options: TrainOptions, recipe: Recipe) -> Optional[dict]:
@@ -146,11 +184,23 @@ def _train_rank(rank: int, world: int, options: TrainOptions, recipe: Recipe) ->
     spec, training = recipe.folding, recipe.training
     routing = dataclasses.replace(MoERouting.from_training(training), **options.routing)
     loaded = checkpoint.read(options.load, recipe.model) if options.load else None
+    placement = options.load_placement(recipe)
+    if placement is None and loaded and routing.dispatcher == "folded":
+        placement = saved_placement(loaded["meta"], recipe)
     trainer = RankTrainer(recipe.model, training, spec, routing,
                           full_weights=loaded["model"] if loaded else None,
-                          placement=options.load_placement(recipe))
+                          placement=placement)
     if loaded:
         checkpoint.restore(trainer, loaded)
+    replacer = None
+    if options.replace_interval is not None:
+        from folding.run.replacement import Replacer
+
+        replacer = Replacer(trainer, options.replace_interval, options.replace_max_moved,
+                            options.replace_apply_after, options.replace_time_limit,
+                            options.replace_always)
+        if loaded:
+            replacer.resume(loaded["meta"])
     tracer = None
     if options.trace_out:
         from folding.megatron.router_trace import RouterTraceHook
@@ -169,6 +219,7 @@ def _train_rank(rank: int, world: int, options: TrainOptions, recipe: Recipe) ->
     bar = tqdm(total=steps, desc=f"train {recipe.name}", unit="step", disable=not show,
                file=sys.stderr, dynamic_ncols=True)
     losses: List[float] = []
+    shown: list = []
     device = trainer.device
     synchronize(device)
     started = time.perf_counter()
@@ -178,6 +229,12 @@ def _train_rank(rank: int, world: int, options: TrainOptions, recipe: Recipe) ->
         result = trainer.step(micro_batches(batch, dp_rank, spec.dp, per_rank,
                                             training.micro_batch_size))
         losses.append(result.loss)
+        if replacer is not None:
+            replacer.after_step()
+            if show:
+                for attempt in replacer.attempts[len(shown):]:
+                    bar.write(attempt.line(), file=sys.stderr)
+                shown = list(replacer.attempts)
         bar.update()
         bar.set_postfix(loss=f"{result.loss:.3f}")
         done = step + 1 - first
@@ -192,16 +249,42 @@ def _train_rank(rank: int, world: int, options: TrainOptions, recipe: Recipe) ->
     synchronize(device)
     train_s = time.perf_counter() - started
     traced = tracer.write(options.trace_out) if tracer else None
+    if replacer is not None:
+        replacer.finish()
     if options.save:
         meta = {"recipe": recipe.name, "folding": spec.degrees(),
                 "losses": (loaded["meta"].get("losses", []) if loaded else []) + losses}
+        if trainer.placement is not None:
+            meta["placement"] = trainer.placement.to_json()
+        if replacer is not None:
+            meta.update(replacer.checkpoint_meta())
         checkpoint.save(options.save, trainer, meta)
     traffic = trainer.traffic_report()
     if rank != 0:
         return None
     return {"losses": losses, "first_step": first, "train_s": train_s, "traced_tokens": traced,
             "tokens_per_s": steps * tokens_per_step / train_s if steps else 0.0,
-            "traffic": traffic}
+            "traffic": traffic,
+            "replacements": ([a.to_json() for a in replacer.attempts] if replacer else None),
+            "placement": trainer.placement.to_json() if trainer.placement is not None else None}
+
+
+def saved_placement(meta: dict, recipe: Recipe):
+    """The placement a checkpoint was saved under, when it fits this folding (else None: the
+    checkpoint's full layout loads under any placement, the default one included)."""
+    if "placement" not in meta:
+        return None
+    from folding.megatron.model import check_placement
+    from folding.placement.placement import Placement
+
+    try:
+        placement = Placement.from_json(meta["placement"], source="checkpoint placement")
+        check_placement(placement, recipe.model, recipe.folding)
+    except FoldingError:
+        return None
+    if placement.gpus_per_node != recipe.folding.gpus_per_node:
+        return None
+    return placement
 
 
 def train(options: TrainOptions, timeout_s: Optional[float] = None) -> TrainSummary:
@@ -211,6 +294,7 @@ def train(options: TrainOptions, timeout_s: Optional[float] = None) -> TrainSumm
     recipe = options.resolve()
     device = pick_device(options.device, recipe.folding.world_size)
     options.load_placement(recipe)  # a bad placement is refused before any rank starts
+    options.check_replacement(recipe)
     if options.trace_out is not None and options.trace_tokens < 1:
         raise FoldingError(f"--trace-tokens must be positive, not {options.trace_tokens}")
     if options.load:
@@ -231,4 +315,5 @@ def train(options: TrainOptions, timeout_s: Optional[float] = None) -> TrainSumm
                         train_s=head["train_s"], tokens_per_s=head["tokens_per_s"],
                         saved=options.save, trace=options.trace_out,
                         traced_tokens=head["traced_tokens"], traffic=head["traffic"],
-                        degrees=recipe.folding.degrees(), device=device)
+                        degrees=recipe.folding.degrees(), device=device,
+                        replacements=head["replacements"], placement=head["placement"])
