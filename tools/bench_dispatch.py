@@ -102,12 +102,13 @@ def _rank_body(rank, world, cases, options):
         layers = {"megatron": build_layer(arch, recipe.training, spec, MoERouting("alltoall"))}
         layers["folded"] = build_layer(arch, recipe.training, spec, MoERouting("folded"))
         copy_weights(layers["megatron"], layers["folded"])
-        # Rows per rank (the rank-level deduplication) unless the case is about nodes.
-        layers["folded"].token_dispatcher.node_dedup = (
-            case.get("node_dedup", False) and layers["folded"].token_dispatcher.nodes.active)
         if case.get("placement") is not None:
             layers["placed"] = build_layer(arch, recipe.training, spec, MoERouting("folded"),
                                            placement=case["placement"])
+        for name in ("folded", "placed"):
+            if name in layers:  # rows per rank (rank-level deduplication) unless about nodes
+                dispatcher = layers[name].token_dispatcher
+                dispatcher.node_dedup = case.get("node_dedup", False) and dispatcher.nodes.active
         g = torch.Generator().manual_seed(1000 + rank)
         tokens = options["tokens"]
         per_tp = tokens // spec.tp
