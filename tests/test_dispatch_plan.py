@@ -222,10 +222,12 @@ def test_relayed_rows_cross_each_remote_node_once_and_reach_the_same_ranks():
     assert by_node.counts[:, 0].tolist() == expected_nodes.tolist()
     layout = NodeLayout(identity.rank_node, own_rank=1)
     message = relay_counts(by_rank.counts, by_node.counts[:, 0], layout, layout.gateways)
-    # Rank 1 sends to gateways 1 (its own node) and 3; the rows each will forward are the direct plan's.
-    assert message[[0, 2], :].abs().sum() == 0
+    # Every rank hears what will reach it from rank 1; rank 1 relays through gateways 1 (its own
+    # node) and 3, which hear the rows to forward: the direct plan's.
+    assert message[:, 1:6].tolist() == by_rank.counts.tolist()
+    assert message[[0, 2], 0].abs().sum() == 0 and message[[0, 2], 6:].abs().sum() == 0
     assert message[1, 0] == expected_nodes[0] and message[3, 0] == expected_nodes[1]
-    assert message[3, 1:].view(per_node, 5).tolist() == by_rank.counts[2:].tolist()
+    assert message[3, 6:].view(per_node, 5).tolist() == by_rank.counts[2:].tolist()
     rows = plan_rows(by_node, slot_routed, int(by_node.counts[:, 0].sum()))
     node1 = rows.row_mask[rows.row_columns[:, 0] >= 8]
     source, member = plan_forward(node1, per_node, int(by_rank.counts[2:, 0].sum()))

@@ -231,6 +231,9 @@ class NodeLayout:
         position = own_rank % self.ranks_per_node
         self.gateways = torch.arange(self.num_nodes, device="cpu") * self.ranks_per_node + position
         """int64 [N]: the rank of each node this rank sends its rows for that node to."""
+        self.source_gateway = (self.own_node * self.ranks_per_node
+                               + torch.arange(len(nodes), device="cpu") % self.ranks_per_node)
+        """int64 [P]: the rank of this rank's node through which each rank's rows arrive."""
 
     @property
     def active(self) -> bool:
@@ -239,14 +242,16 @@ class NodeLayout:
 
 def relay_counts(rank_counts: torch.Tensor, node_rows: torch.Tensor, layout: NodeLayout,
                  gateways: torch.Tensor) -> torch.Tensor:
-    """int64 [P, 1 + L(1+S)]: what this rank tells each gateway: its rows for the gateway's node,
-    then, for every rank of that node, the rows and per-slot pairs it will forward there."""
+    """int64 [P, 1 + (1+S) + L(1+S)]: the one count message of a relayed dispatch. To every rank:
+    the rows it will relay from this rank (its gateways only), the rows and per-slot pairs that
+    will reach it from this rank (through whichever gateway), and, to a gateway, those of every
+    rank of its node, which it will forward."""
     ranks, width = rank_counts.shape
     per_node = rank_counts.view(layout.num_nodes, layout.ranks_per_node * width)
-    message = torch.zeros(ranks, 1 + layout.ranks_per_node * width, dtype=rank_counts.dtype,
-                          device=rank_counts.device)
-    message[gateways] = torch.cat([node_rows.view(-1, 1), per_node], dim=1)
-    return message
+    relay = torch.zeros(ranks, 1 + layout.ranks_per_node * width, dtype=rank_counts.dtype,
+                        device=rank_counts.device)
+    relay[gateways] = torch.cat([node_rows.view(-1, 1), per_node], dim=1)
+    return torch.cat([relay[:, :1], rank_counts, relay[:, 1:]], dim=1)
 
 
 def plan_forward(node_mask: torch.Tensor, ranks_per_node: int, rows: int):

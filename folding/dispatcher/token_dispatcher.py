@@ -140,23 +140,25 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
         return torch.stack(peers)
 
     def _node_counts(self, rank_counts: torch.Tensor, hidden: torch.Tensor):
-        """Counts of the two hops: rows to each remote node's gateway, then, exchanged on from
-        the gateways, the rows each rank will receive inside its node."""
-        nodes, per_rank = self.nodes, self.slots_per_rank
-        self.node_sends = count_sends(self.slot_routed, nodes.ranks_per_node * per_rank,
+        """Counts of both hops in one exchange: rows to each remote node's gateway; what each
+        gateway will forward to each rank of its node; what each rank will receive, by gateway."""
+        nodes, width = self.nodes, 1 + self.slots_per_rank
+        self.node_sends = count_sends(self.slot_routed, nodes.ranks_per_node * self.slots_per_rank,
                                       nodes.num_nodes)
-        gateways = nodes.gateways.to(rank_counts.device)
-        to_gateways = relay_counts(rank_counts, self.node_sends.counts[:, 0], nodes, gateways)
-        at_gateway = self._all_to_all_counts(to_gateways)
-        relayed = at_gateway[:, 1:].view(self.ep_size, nodes.ranks_per_node, 1 + per_rank).sum(dim=0)
-        to_members = torch.zeros(self.ep_size, 1 + per_rank, dtype=relayed.dtype,
-                                 device=relayed.device)
+        device = rank_counts.device
+        message = relay_counts(rank_counts, self.node_sends.counts[:, 0], nodes,
+                               nodes.gateways.to(device))
+        arrived = self._all_to_all_counts(message)
+        to_gateways, at_gateway = message[:, 0], arrived[:, 0]
+        relayed = arrived[:, 1 + width:].reshape(self.ep_size, nodes.ranks_per_node, width).sum(dim=0)
+        to_members = torch.zeros(self.ep_size, dtype=relayed.dtype, device=device)
         first = nodes.own_node * nodes.ranks_per_node
-        to_members[first:first + nodes.ranks_per_node] = relayed
-        received = self._all_to_all_counts(to_members)
-        for rows in (to_gateways[:, 0], to_members[:, 0]):  # both hops cross links
+        to_members[first:first + nodes.ranks_per_node] = relayed[:, 0]
+        received = torch.zeros(self.ep_size, width, dtype=relayed.dtype, device=device).index_add_(
+            0, nodes.source_gateway.to(device), arrived[:, 1:1 + width])
+        for rows in (to_gateways, to_members):  # both hops cross links
             self.counters.record_rows(rows, hidden, self.ep_rank, self.rank_node)
-        return [to_gateways[:, 0], at_gateway[:, 0], to_members[:, 0], self._gather_tp(received)]
+        return [to_gateways, at_gateway, to_members, self._gather_tp(received)]
 
     def _start_copy(self, counts: torch.Tensor) -> None:
         if counts.is_cuda:
