@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from folding.dispatcher.send_plan import (SlotMap, _greedy_least_loaded, choose_slots,
+from folding.dispatcher.send_plan import (SlotMap, _greedy_least_loaded_each, choose_slots,
                                           count_sends, expand_received, plan_rows)
 
 # Ranks 0,1 on node 0 and ranks 2,3 on node 1; 3 slots per rank.
@@ -113,7 +113,7 @@ def test_greedy_least_loaded_matches_one_at_a_time():
             best = min(range(len(load)), key=lambda i: (load[i], i))
             expected.append(best)
             load[best] += 1
-        assert _greedy_least_loaded(torch.tensor(loads), count).tolist() == expected
+        assert _greedy_least_loaded_each(torch.tensor([loads]), count)[0].tolist() == expected
 
 
 def test_deduplicated_plan_sends_each_token_once_per_rank():

@@ -55,13 +55,14 @@ def expected_ratio(experts: int, ranks: int, topk: int) -> float:
     return ranks * (1 - miss) / topk
 
 
-def routing_ids(kind: str, tokens: int, topk: int, generator: torch.Generator) -> torch.Tensor:
+def routing_ids(kind: str, tokens: int, topk: int, generator: torch.Generator,
+                experts: int = EXPERTS) -> torch.Tensor:
     """[tokens, topk] distinct expert ids: uniform, or Zipf-skewed popularity (s = 1.2)."""
     if kind == "uniform":
-        weights = torch.ones(tokens, EXPERTS)
+        weights = torch.ones(tokens, experts)
     else:
-        popularity = 1.0 / torch.arange(1, EXPERTS + 1, dtype=torch.float64) ** 1.2
-        weights = popularity[torch.randperm(EXPERTS, generator=generator)].expand(tokens, -1)
+        popularity = 1.0 / torch.arange(1, experts + 1, dtype=torch.float64) ** 1.2
+        weights = popularity[torch.randperm(experts, generator=generator)].expand(tokens, -1)
     return torch.multinomial(weights.float(), topk, replacement=False, generator=generator)
 
 
@@ -171,16 +172,11 @@ PLANNING_HIDDEN, PLANNING_EP = 1024, 8
 
 def _planning_inputs(tokens: int, experts: int, topk: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    ids = routing_ids_for(tokens, experts, topk, g)
+    ids = routing_ids("uniform", tokens, topk, g, experts)
     routing_map = torch.zeros(tokens, experts, dtype=torch.bool).scatter_(1, ids, True)
     probs = torch.zeros(tokens, experts).scatter_(1, ids, torch.rand(tokens, topk, generator=g))
     hidden = torch.randn(tokens, PLANNING_HIDDEN, generator=g)
     return routing_map, probs, hidden
-
-
-def routing_ids_for(tokens: int, experts: int, topk: int, generator) -> torch.Tensor:
-    return torch.multinomial(torch.ones(tokens, experts), topk, replacement=False,
-                             generator=generator)
 
 
 def megatron_local_work(hidden, routing_map, probs):

@@ -67,12 +67,6 @@ class SlotMap:
         return self._devices[device]
 
 
-def _greedy_least_loaded(loads: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices into ``loads`` for ``count`` items given one at a time to the least-loaded
-    candidate (ties: the lower index), exactly as the sequential greedy rule would."""
-    return _greedy_least_loaded_each(loads.view(1, -1), count)[0]
-
-
 def choose_slots(routing_map: torch.Tensor, slots: SlotMap, own_rank: int) -> torch.Tensor:
     """bool [T, P*S]: the slot that serves each routed (token, expert) pair, one per pair.
 
@@ -122,7 +116,9 @@ def choose_slots(routing_map: torch.Tensor, slots: SlotMap, own_rank: int) -> to
 
 
 def _greedy_least_loaded_each(loads: torch.Tensor, count: int) -> torch.Tensor:
-    """``_greedy_least_loaded`` for every row of ``loads`` [n, m] at once: [n, count].
+    """For every row of ``loads`` [n, m]: the candidates of ``count`` items given one at a time
+    to the least-loaded candidate (ties: the lower index), exactly as the sequential greedy rule
+    would: [n, count].
 
     Candidate i receives an item at each level loads[i] + s. That item is the greedy rule's
     k-th, where k counts the items every candidate j receives below that level, plus one for

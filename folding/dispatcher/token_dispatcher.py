@@ -182,12 +182,11 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
         host, self._host_counts = self._host_counts, None
         ranks, width = self.ep_size, 1 + self.slots_per_rank
         if self.node_dedup:
-            to_gateways, at_gateway, to_members, host = host[:3 * ranks].view(3, ranks).split(1) + (
-                host[3 * ranks:],)
-            self.relay_input_splits = to_gateways.view(-1).tolist()
-            self.relay_output_splits = at_gateway.view(-1).tolist()
-            self.input_splits = to_members.view(-1).tolist()
-            self.relayed_rows = sum(self.relay_output_splits)
+            to_gateways, at_gateway, to_members = host[:3 * ranks].view(3, ranks).tolist()
+            host = host[3 * ranks:]
+            self.relay_input_splits, self.relay_output_splits = to_gateways, at_gateway
+            self.input_splits = to_members
+            self.relayed_rows = sum(at_gateway)
             self.plan = plan_rows(self.node_sends, self.slot_routed, sum(self.relay_input_splits))
         else:
             self.input_splits = host[:ranks].tolist()
@@ -199,7 +198,6 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
         self.received_rows = sum(self.tp_splits)
         self.tokens_per_slot = received[:, :, 1:].sum(dim=(0, 1))
         self.received_pairs = int(self.tokens_per_slot.sum())
-        self.row_token = self.plan.row_token
 
     def _exchange(self, rows, probs, mask, output_splits, input_splits, gather_tp: bool):
         """Rows with their weights and routed-pair mask through one all-to-all (and the ETP
@@ -280,7 +278,7 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
 
     def combine_postprocess(self, hidden_states: torch.Tensor):
         tokens = self.hidden_shape.numel() // self.hidden_shape[-1]
-        out = _sum_rows(hidden_states, self.row_token, tokens)
+        out = _sum_rows(hidden_states, self.plan.row_token, tokens)
         return out.to(hidden_states.dtype).view(self.hidden_shape)
 
 

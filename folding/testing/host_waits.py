@@ -103,7 +103,7 @@ _TO_HOST = {_T.cpu, _T.numpy, _T.tolist, _T.item, _T.__bool__, _T.__int__, _T.__
             _T.__index__}
 _DATA_DEPENDENT = {torch.nonzero, _T.nonzero, torch.masked_select, _T.masked_select,
                    torch.unique, _T.unique, torch.unique_consecutive, _T.unique_consecutive,
-                   torch.argwhere, _T.argwhere, torch.bincount, _T.bincount, torch.nonzero_static}
+                   torch.argwhere, _T.argwhere, torch.bincount, _T.bincount}
 _BACKWARD_WAITS = {"nonzero", "masked_select", "_local_scalar_dense", "_unique2", "unique_dim",
                    "unique_consecutive", "bincount", "repeat_interleave"}
 
@@ -113,8 +113,6 @@ def _kind_of(func, args, kwargs):
     if func in _TO_HOST:
         return func.__name__.strip("_")
     if func in _DATA_DEPENDENT:
-        if func is torch.nonzero_static:
-            return None
         return func.__name__
     if func is torch.where and len(args) == 1 and not kwargs:
         return "where (nonzero)"
