@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -254,7 +254,3 @@ def named_parameters_of_chunks(chunks: Iterable[torch.nn.Module]) -> Dict[ShardK
         for name, param in module.named_parameters():
             out[(vp_stage, name)] = param
     return out
-
-
-def map_shard(local: Dict[ShardKey, torch.Tensor], fn: Callable[[torch.Tensor], torch.Tensor]):
-    return {k: fn(v) for k, v in local.items()}

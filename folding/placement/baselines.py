@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import time
-from typing import Dict, List
+from typing import List
 
 import numpy as np
 
@@ -89,9 +89,3 @@ def run_baseline(name: str, trace: RoutingTrace, ep_size: int, gpus_per_node: in
     if name == "exflow":
         return exflow(trace, ep_size, gpus_per_node, time_limit, progress)
     raise ValueError(f"unknown baseline {name!r}")
-
-
-def all_baselines(trace: RoutingTrace, ep_size: int, gpus_per_node: int, redundant: int = 0,
-                  time_limit=None, progress: bool = False) -> Dict[str, SolveResult]:
-    return {name: run_baseline(name, trace, ep_size, gpus_per_node, redundant, time_limit, progress)
-            for name in BASELINES}

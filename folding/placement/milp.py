@@ -71,10 +71,6 @@ class MilpResult:
         """The MILP's own relative gap between its placement and its bound."""
         return (self.cost - self.bound) / self.bound if self.bound > 0 else 0.0
 
-    def excess_of(self, cost: float) -> float:
-        """How far above the proven bound another placement's cost is, relatively."""
-        return (cost - self.bound) / self.bound if self.bound > 0 else 0.0
-
 
 class _Model:
     """Sparse rows, bounds and costs of a MILP, built column by column."""

@@ -187,9 +187,6 @@ class Placement:
     def slot_to_rank(self, slot: int) -> int:
         return int(slot) // self.slots_per_rank
 
-    def rank_to_node(self, rank: int) -> int:
-        return int(rank) // self.gpus_per_node
-
     @property
     def slot_ranks(self) -> np.ndarray:
         """int64 [P*S]: the rank of every slot."""
