@@ -58,3 +58,22 @@ def test_the_training_runtime_is_switched_off_without_a_trace():
         assert torch.cuda.get_device_properties(0).major == 0
         assert training.initialize_megatron is not before[-1]
     assert [getattr(torch.cuda, n) for n in names] + [training.initialize_megatron] == before
+
+
+@pytest.mark.megatron
+def test_a_cpu_rank_tells_the_runtime_it_runs_on_the_cpu(tmp_path, monkeypatch):
+    """``folding megatron --cpu`` on a host with GPUs must still train on the CPU: the rank sets
+    the device the CPU runtime reads before the script runs."""
+    pytest.importorskip("megatron.training.arguments")
+    from folding.megatron.launcher import run_rank
+    from folding.run.device import DEVICE_ENV
+
+    monkeypatch.delenv(DEVICE_ENV, raising=False)
+    seen = tmp_path / "device.txt"
+    script = tmp_path / "script.py"
+    script.write_text(f"import os\nopen({str(seen)!r}, 'w').write(os.environ.get({DEVICE_ENV!r}, 'unset'))\n")
+    assert run_rank(str(script), [], cpu=True) == 0
+    assert seen.read_text() == "cpu"
+    monkeypatch.delenv(DEVICE_ENV, raising=False)
+    assert run_rank(str(script), [], cpu=False) == 0
+    assert seen.read_text() == "unset"

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Deque, Dict, List, Optional, Sequence
 
 from folding.errors import FoldingError
+from folding.run.device import DEVICE_ENV
 
 # Megatron's flags for a CPU run: gloo, Megatron's own layers (Transformer Engine is a GPU
 # library), and no fused CUDA kernels.
@@ -140,6 +141,8 @@ def run_rank(script: str, argv: Sequence[str], cpu: bool) -> int:
         _python311_marker_for_children()
     if cpu:
         os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+        # The CPU runtime reads the rank's device here: on a host with GPUs, --cpu still means CPU.
+        os.environ[DEVICE_ENV] = "cpu"
         argv = with_cpu_flags(argv)
     saved_argv = sys.argv
     sys.argv = [script] + list(argv)
