@@ -134,8 +134,7 @@ def inference_hop_cost(layers: List[LayerItems], transitions: np.ndarray, hops: 
 def layer_search(items: LayerItems, rank_nodes: np.ndarray, linear: Optional[np.ndarray] = None) -> LayerSearch:
     """The search of one inference layer at its current ranks: balance limits, and hop costs
     to fixed neighbours as ``linear`` (``inference_linear_cost``)."""
-    return LayerSearch(items.ranks, items.loads, rank_nodes, items.threshold, items.excess_budget,
-                       items.affinity(), 0.0, 0.0, linear=linear, noise=items.noise)
+    return items.search(items.ranks, rank_nodes, 0.0, 0.0, linear=linear)
 
 
 def inference_search(trace: RoutingTrace, layers: List[LayerItems], rank_nodes: np.ndarray,
@@ -166,9 +165,8 @@ def inference_search(trace: RoutingTrace, layers: List[LayerItems], rank_nodes: 
         affinity = items.affinity()
 
         def search_from(start):
-            return LayerSearch(start, items.loads, rank_nodes, items.threshold, items.excess_budget,
-                               affinity, 0.0, 0.0, linear=linear, home=items.home,
-                               max_moved=max_moved, noise=items.noise)
+            return items.search(start, rank_nodes, 0.0, 0.0, linear=linear, home=items.home,
+                                max_moved=max_moved, affinity=affinity)
 
         # The assignment optimum is brought within the balance bound by continuation; the
         # current placement, already within it, is only improved, except on the first pass,
@@ -228,8 +226,7 @@ def inference_search(trace: RoutingTrace, layers: List[LayerItems], rank_nodes: 
         chosen = rng.choice(len(items.ranks), min(len(items.ranks), 4), replace=False)
         ranks = items.ranks.copy()
         ranks[chosen] = ranks[np.roll(chosen, 1)]
-        search = LayerSearch(ranks, items.loads, rank_nodes, items.threshold, items.excess_budget,
-                             items.affinity(), noise=items.noise)
+        search = items.search(ranks, rank_nodes, rank_weight=1.0, node_weight=0.0)
         if not search.repair():
             continue
         items.ranks = search.rank

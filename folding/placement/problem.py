@@ -30,7 +30,7 @@ import numpy as np
 from folding.errors import FoldingError
 from folding.placement.packing import balanced_packing, item_loads, layer_items, replica_counts
 from folding.placement.placement import Placement
-from folding.placement.search import balance_bound
+from folding.placement.search import LayerSearch, balance_bound
 from folding.placement.trace import RoutingTrace
 
 DEFAULT_BALANCE_SLACK = 0.0125
@@ -59,6 +59,15 @@ class LayerItems:
     def affinity(self) -> Optional[np.ndarray]:
         """[V, V] item co-activation, or None."""
         return None if self.coactivation is None else item_affinity(self.coactivation, self.experts)
+
+    def search(self, start: np.ndarray, rank_nodes: np.ndarray, rank_weight: float, node_weight: float,
+               linear: Optional[np.ndarray] = None, home: Optional[np.ndarray] = None,
+               max_moved: Optional[int] = None, affinity: Optional[np.ndarray] = None) -> LayerSearch:
+        """A local search of this layer from ranks ``start`` within its balance limits;
+        ``affinity`` saves recomputing ``affinity()`` for callers that search repeatedly."""
+        return LayerSearch(start, self.loads, rank_nodes, self.threshold, self.excess_budget,
+                           self.affinity() if affinity is None else affinity, rank_weight, node_weight,
+                           linear=linear, home=home, max_moved=max_moved, noise=self.noise)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from scipy.optimize import linear_sum_assignment
 
 from folding.placement.metrics import objective_weights
 from folding.placement.problem import LayerItems
-from folding.placement.search import LayerSearch, is_large, kicks_for
+from folding.placement.search import is_large, kicks_for
 
 
 def grow_parts(affinity: np.ndarray, loads: np.ndarray, members: np.ndarray, part_sizes: List[int],
@@ -79,9 +79,8 @@ def solve_training_layer(items: LayerItems, rank_nodes: np.ndarray, slots_per_ra
     affinity = items.affinity()
 
     def search_from(start):
-        return LayerSearch(start, items.loads, rank_nodes, items.threshold, items.excess_budget,
-                           affinity, rank_weight, node_weight, home=items.home, max_moved=max_moved,
-                           noise=items.noise)
+        return items.search(start, rank_nodes, rank_weight, node_weight, home=items.home,
+                            max_moved=max_moved, affinity=affinity)
 
     if items.home is not None:
         return warm_training_layer(items, search_from, rank_nodes, slots_per_rank, deadline, seed)
