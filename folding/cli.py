@@ -1,7 +1,8 @@
 """The ``folding`` command line: one subcommand per module in ``folding.commands``.
 
 Each command module has ``register(subparsers)``, which adds its parser and sets ``handler``.
-Modules import torch and Megatron inside their handlers, so ``folding mesh`` starts fast.
+Only the command asked for is imported (all of them for ``--help`` or an unknown name), so a
+command that needs no torch, such as ``folding predict``, does not wait for another's imports.
 """
 
 from __future__ import annotations
@@ -23,16 +24,19 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser of every command, or of ``only`` (one of ``COMMANDS``)."""
     parser = OneLineParser(prog="folding", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
-    for name in COMMANDS:
+    for name in COMMANDS if only is None else (only,):
         importlib.import_module(f"folding.commands.{name}").register(sub)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    asked = argv[0] if argv and argv[0] in COMMANDS else None
+    args = build_parser(asked).parse_args(argv)
     try:
         return int(args.handler(args) or 0)
     except FoldingError as e:

@@ -13,7 +13,7 @@ import pytest
 from folding.cost.calibration import BOUNDS, FITTED, FITTED_NAMES
 from folding.cost.fit import fit, leave_one_out, residuals, row_model, summary
 from folding.cost.flops import training_flops
-from folding.cost.published import H100_BF16_PEAK_TFLOPS, ROWS, table3_pairs
+from folding.cost.published import BRIDGE, H100_BF16_PEAK_TFLOPS, ROWS, table3_pairs
 from folding.recipe import load_recipe
 
 
@@ -36,6 +36,11 @@ def test_every_row_names_its_source_and_a_legal_folding(models):
     # TFLOP/s rows converted with the H100 dense BF16 peak
     zoo = next(r for r in ROWS if r.key == "modelzoo-mixtral-8x22b")
     assert zoo.tflops_per_gpu == pytest.approx(455) and H100_BF16_PEAK_TFLOPS == 989.4
+    # the Bridge's MoE benchmarks force-balance the routing; the paper's and zoo's runs do not
+    assert {r.key for r in ROWS if r.force_balance} == {r.key for r in ROWS if r.source == BRIDGE}
+    qwen3 = next(r for r in ROWS if r.key == "bridge-qwen3-30b-a3b-fp8")
+    assert (qwen3.global_batch_size, qwen3.micro_batch_size, qwen3.vpp) == (1024, 1, 12)
+    assert qwen3.tflops_per_gpu == pytest.approx(208)
 
 
 def test_residuals_are_predicted_minus_published_mfu(models):
@@ -76,12 +81,11 @@ def test_table3_folded_is_faster_by_about_the_published_gap(models):
 @pytest.mark.skipif(not os.environ.get("FOLDING_LONG_TESTS"),
                     reason="16 refits (about 80 s on 2 cores): FOLDING_LONG_TESTS=1, make test-long")
 def test_leave_one_out_errors(models):
-    """The figures docs/calibration.md publishes. Median target (3 points) met; the worst-row
-    target (6 points) is not: Qwen3-30B-A3B in FP8 is 10 points off (the docs discuss it)."""
+    """The figures docs/calibration.md publishes: median target 3 points, worst 6, both met."""
     loo = leave_one_out(models, FITTED)
     s = summary(loo)
-    assert s["median_abs_error_points"] <= 3.0
-    assert s["median_abs_error_points"] == pytest.approx(2.47, abs=0.3)
-    assert s["worst_abs_error_points"] == pytest.approx(10.3, abs=0.5)
+    assert s["median_abs_error_points"] <= 3.0 and s["worst_abs_error_points"] <= 6.0
+    assert s["median_abs_error_points"] == pytest.approx(2.03, abs=0.3)
+    assert s["worst_abs_error_points"] == pytest.approx(4.73, abs=0.5)
     worst = max(loo, key=lambda r: abs(r.error_points))
-    assert worst.key == "bridge-qwen3-30b-a3b-fp8"
+    assert worst.key == "t4-qwen2-57b-1024"

@@ -40,6 +40,9 @@ def register(sub) -> None:
     p.add_argument("--ep-overlap", action="store_true",
                    help="the run overlaps the expert all-to-all with compute "
                         "(--overlap-moe-expert-parallel-comm)")
+    p.add_argument("--force-balance", action="store_true",
+                   help="the run forces balanced routing (--moe-router-force-load-balancing, "
+                        "as benchmarks do): no routing imbalance is charged")
     add_json_argument(p)
     p.set_defaults(handler=run)
 
@@ -63,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
         raise FoldingError(f"--recompute {training.recompute!r}: use none, selective or full")
     if training.precision not in PRECISIONS:
         raise FoldingError(f"--precision {training.precision!r}: use {' or '.join(PRECISIONS)}")
-    predictor = Predictor(recipe.model, training, hw, ep_overlap=args.ep_overlap)
+    predictor = Predictor(recipe.model, training, hw, ep_overlap=args.ep_overlap,
+                          force_balance=args.force_balance)
     spec = predictor.spec(args.gpus, args.gpus_per_node, tp=args.tp, cp=args.cp, pp=args.pp,
                           vpp=args.vpp, ep=args.ep, etp=args.etp)
     result = predictor.predict(spec, training.micro_batch_size, training.recompute, FITTED)

@@ -41,7 +41,8 @@ def row_model(row: PublishedRow) -> RowModel:
                                    micro_batch_size=row.micro_batch_size,
                                    precision=row.precision, recompute=row.recompute)
     predictor = Predictor(recipe.model, training, get_profile(row.gpu),
-                          pipeline_layers=row.pipeline_layers, ep_overlap=row.ep_overlap)
+                          pipeline_layers=row.pipeline_layers, ep_overlap=row.ep_overlap,
+                          force_balance=row.force_balance)
     spec = predictor.spec(row.gpus, row.gpus_per_node, tp=row.tp, cp=row.cp, pp=row.pp,
                           vpp=row.vpp, ep=row.ep, etp=row.etp)
     return RowModel(row, predictor, spec)

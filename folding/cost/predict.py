@@ -67,14 +67,15 @@ class Predictor:
 
     def __init__(self, arch: ModelArch, training: TrainingSetup, hw: HardwareProfile,
                  options: ActivationOptions = ActivationOptions(),
-                 pipeline_layers: Optional[int] = None, ep_overlap: bool = False):
+                 pipeline_layers: Optional[int] = None, ep_overlap: bool = False,
+                 force_balance: bool = False):
         if training.precision not in PRECISIONS:
             raise FoldingError(f"unknown precision {training.precision!r}; use "
                                f"{' or '.join(PRECISIONS)}")
         if training.precision == "fp8" and not hw.peak_fp8_tflops:
             raise FoldingError(f"{hw.name} has no FP8 tensor cores: use --precision bf16")
         self.arch, self.training, self.hw, self.options = arch, training, hw, options
-        self.ep_overlap = ep_overlap
+        self.ep_overlap, self.force_balance = ep_overlap, force_balance
         self.timed_arch = pipeline_arch(arch, pipeline_layers)
         self.params = ParameterModel(self.timed_arch, training.seq_length)
         self.acts = ActivationModel(self.timed_arch, training, options)
@@ -101,7 +102,7 @@ class Predictor:
                                f"({self.training.global_batch_size // (mbs * spec.dp)}) to be a "
                                f"multiple of PP {spec.pp}")
         timer = StepTimeModel(self.timed_arch, self.training, hw, self.params, self.acts,
-                              calibration, self.ep_overlap)
+                              calibration, self.ep_overlap, self.force_balance)
         step = timer.step_time(spec, mbs, recompute)
         if self.timed_arch is not self.arch:
             if spec.tp not in self._flops:

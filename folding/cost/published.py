@@ -16,7 +16,8 @@ Sources:
   best_practice/Mixtral/run_mixtral_8x22B.sh and model_configs/benchmarking/Mixtral-8x22B.yaml.
 - MCORE_README: Megatron-LM's megatron/core/transformer/moe/README.md (core_r0.15.0).
 - BRIDGE: NVIDIA Megatron-Bridge performance summary
-  (docs.nvidia.com/nemo/megatron-bridge/latest/performance-summary.html), FP8 rows.
+  (docs.nvidia.com/nemo/megatron-bridge/latest/performance-summary.html, the repository's
+  docs/performance-summary.md), DGX-H100 FP8 rows. Its MoE benchmarks force-balance the routing.
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ class PublishedRow:
     count whose even split gives its busiest stage as many layers (the FLOPs stay the model's)."""
     ep_overlap: bool = False
     """The run overlaps the expert all-to-all with compute (--overlap-moe-expert-parallel-comm)."""
+    force_balance: bool = False
+    """The run forces balanced routing (--moe-router-force-load-balancing), as the Bridge's
+    dropless benchmarks state: every expert gets the mean token count, no routing imbalance."""
     assumed: str = ""
     checked: str = ""
 
@@ -142,23 +146,42 @@ ROWS: Tuple[PublishedRow, ...] = (
                           "found here state 438 TFLOPS for MCore v0.8, the 468 line was not "
                           "re-read")),
     # ---------------------------------------------------------------- FP8
-    PublishedRow("bridge-deepseek-v3-fp8", BRIDGE, "H100 FP8 pre-training table", "deepseek-v3",
-                 1024, tp=2, pp=8, ep=64, etp=1, vpp=4, mfu=338 / H100_BF16_PEAK_TFLOPS,
-                 global_batch_size=8192, recompute="selective", precision="fp8",
-                 pipeline_layers=64, ep_overlap=True,
-                 assumed=("GBS 8192, MBS 1 assumed; the published layout puts 61 layers, the "
-                          "MTP layer and the loss unevenly on 32 virtual stages with at most 8 "
-                          "layers per rank: costed as an even 64-layer split; selective "
-                          "recompute of MLA up-projections and MLPs costed as the model's "
-                          "selective (core attention) recompute; DeepEP dispatch costed as "
-                          "alltoall, overlapped with compute as the model zoo's DeepSeek-V3 "
-                          "guide enables (--overlap-moe-expert-parallel-comm)"),
-                 checked="from the brief; the stored copies of the summary page did not show the row"),
-    PublishedRow("bridge-qwen3-30b-a3b-fp8", BRIDGE, "H100 FP8 pre-training table",
+    PublishedRow("bridge-deepseek-v3-fp8", BRIDGE, "25.09 container, DGX-H100 table",
+                 "deepseek-v3", 1024, tp=2, pp=8, ep=64, etp=1, vpp=4,
+                 mfu=338 / H100_BF16_PEAK_TFLOPS, global_batch_size=8192, recompute="selective",
+                 precision="fp8", pipeline_layers=64, ep_overlap=True, force_balance=True,
+                 assumed=("the published layout puts 61 layers, the MTP layer and the loss "
+                          "unevenly on 32 virtual stages with at most 8 layers per rank: costed "
+                          "as an even 64-layer split; selective recompute of MLA up-projections "
+                          "and MLPs costed as the model's selective (core attention) recompute; "
+                          "DeepEP dispatch costed as alltoall, overlapped with compute as the "
+                          "model zoo's DeepSeek-V3 guide enables (--overlap-moe-expert-parallel-"
+                          "comm)"),
+                 checked=("read in the stored docs/performance-summary.md of NVIDIA-NeMo/"
+                          "Megatron-Bridge, 25.09 NeMo container, DGX-H100: 'DeepSeekV3 "
+                          "(dropless)', 1024 GPUs, GBS 8192, MBS 1, 4096, TP2 PP8 CP1 VP4 EP64, "
+                          "GA 128, 1297 tokens/s/GPU, 338 (330 with 128x128 / 1x128 FP8 "
+                          "blocks) TFLOP/s; 'In token-dropless MoE training benchmarks, we "
+                          "force-balance the token distribution among experts'")),
+    # Source: Megatron-Bridge docs/performance-summary.md (stored copy), DGX-H100, Qwen3_30B_a3B
+    # on 16 GPUs, FP8, 4096 tokens, TP1 PP2 CP1 EP8, force-balanced and dropless:
+    #   25.11 container: GBS 512, MBS 2, VP 24, 121 TFLOP/s (5275 tokens/s/GPU)
+    #   26.02 container: GBS 1024, MBS 1, VP 12, 118 TFLOP/s (2557 tokens/s/GPU: half the
+    #   TFLOP/s its own token rate gives, 0.046 TFLOP per token against 0.023 in the others)
+    #   26.02.01 container: the same setup as 26.02, 208 TFLOP/s (9058 tokens/s/GPU)
+    # The row takes the newest publication of the setup (26.02.01). The row used before, 118
+    # TFLOP/s with GBS 512 assumed, was the 26.02 figure with the wrong global batch: the same
+    # setup measured 1.76x faster one container later, so no software-agnostic model fits both.
+    PublishedRow("bridge-qwen3-30b-a3b-fp8", BRIDGE, "26.02.01 container, Qwen3_30B_a3B table",
                  "qwen3-30b-a3b", 16, tp=1, pp=2, ep=8, etp=1, vpp=12,
-                 mfu=118 / H100_BF16_PEAK_TFLOPS, global_batch_size=512, precision="fp8",
-                 assumed="GBS 512, MBS 1, no recompute assumed",
-                 checked="from the brief; the stored copies of the summary page did not show the row"),
+                 mfu=208 / H100_BF16_PEAK_TFLOPS, global_batch_size=1024, micro_batch_size=1,
+                 precision="fp8", force_balance=True,
+                 assumed="no recompute (the table does not say)",
+                 checked=("read in the stored docs/performance-summary.md of NVIDIA-NeMo/"
+                          "Megatron-Bridge: DGX-H100, 16 GPUs, FP8, GBS 1024, MBS 1, 4096, TP1 "
+                          "PP2 CP1 VP12 EP8, 9058 tokens/s/GPU, 208 TFLOP/s (26.02.01; 118 in "
+                          "26.02, 121 in 25.11 with GBS 512, MBS 2, VP 24); MoE benchmarks "
+                          "force-balanced and dropless")),
 )
 
 

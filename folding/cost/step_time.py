@@ -127,9 +127,13 @@ class StepTimeModel:
     def __init__(self, arch: ModelArch, training: TrainingSetup, hw: HardwareProfile,
                  parameter_model: Optional[ParameterModel] = None,
                  activation_model: Optional[ActivationModel] = None,
-                 calibration: Optional[Calibration] = None, ep_overlap: bool = False):
+                 calibration: Optional[Calibration] = None, ep_overlap: bool = False,
+                 force_balance: bool = False):
         self.arch, self.training, self.hw = arch, training, hw
         self.cal = calibration or Calibration.from_profile(hw)
+        self.force_balance = force_balance
+        """Megatron's --moe-router-force-load-balancing (benchmarks): every expert receives the
+        mean number of tokens, so the calibration's routing imbalance does not apply."""
         self.ep_overlap = ep_overlap
         """Megatron's --overlap-moe-expert-parallel-comm: one micro-batch's all-to-all runs
         under another's compute (1F1B with merged forward and backward), so only what exceeds
@@ -211,7 +215,8 @@ class StepTimeModel:
                 / (hw.peak_tflops * 1e12 * efficiency))
         imbalance = 1.0
         if is_moe:
-            imbalance = 1.0 + self.cal.routing_imbalance * (1.0 - 1.0 / spec.ep)
+            if not self.force_balance:
+                imbalance = 1.0 + self.cal.routing_imbalance * (1.0 - 1.0 / spec.ep)
             experts_here = arch.num_experts // spec.ep
             per_expert = shape.expert_tokens / experts_here
             mlp = self._gemm(t, arch.num_experts, h)                                  # router
