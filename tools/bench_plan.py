@@ -31,8 +31,8 @@ LARGE = [("mixtral-8x22b", H100_SXM, 80), ("qwen2-57b-a14b", H100_SXM, 80),
          ("qwen3-30b-a3b", H100_SXM, 80), ("mixtral-8x7b", H100_SXM, 80),
          ("deepseek-v3", H200_SXM, 141)]
 TARGET_SECONDS = 10.0
-PREDICT = ["predict", "--recipe", "deepseek-v3", "--gpus", "1024", "--tp", "2", "--pp", "8",
-           "--vpp", "4", "--ep", "64", "--etp", "1", "--precision", "fp8", "--json"]
+PREDICT = ["predict", "--recipe", "mixtral-8x22b", "--gpus", "128", "--tp", "2", "--pp", "8",
+           "--vpp", "7", "--ep", "8", "--etp", "1", "--json"]
 PREDICT_TARGET_SECONDS = 1.0
 
 
@@ -42,7 +42,9 @@ def timed_predict(repeat):
     best = float("inf")
     for _ in range(repeat):
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "folding", *PREDICT], check=True, capture_output=True)
+        proc = subprocess.run([sys.executable, "-m", "folding", *PREDICT], capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(f"folding {' '.join(PREDICT)}: {proc.stderr.strip()}")
         best = min(best, time.perf_counter() - start)
     return best
 
