@@ -51,7 +51,7 @@ ci: test test-mcore019
 test-long: $(VENV)/.installed $(VENV19)/.installed
 	FOLDING_LONG_TESTS=1 $(VENV19)/bin/python -m pytest -q tests/test_megatron_loop.py -k "8_ranks or context_parallel_trains" $(PYTEST_ARGS)
 	FOLDING_LONG_TESTS=1 $(VENV19)/bin/python -m pytest -q tests/test_verify_context_parallel.py $(PYTEST_ARGS)
-	FOLDING_LONG_TESTS=1 $(VENV19)/bin/python -m pytest -q tests/test_replacement.py -k "sixty_steps or exactly_and_resumes" $(PYTEST_ARGS)
+	FOLDING_LONG_TESTS=1 $(VENV19)/bin/python -m pytest -q tests/test_replacement.py -k "sixty_steps or exactly_and_resumes or pays_against" $(PYTEST_ARGS)
 	FOLDING_LONG_TESTS=1 $(VENV)/bin/python -m pytest -q tests/test_calibrate.py $(PYTEST_ARGS)
 
 clean:

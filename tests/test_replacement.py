@@ -16,7 +16,8 @@ import torch
 
 from folding.layout import checkpoint
 from folding.placement.live import (MoveCosts, RoutingStatistics, align_to_previous, changed_slots,
-                                    decide, rows_per_step, transfer_plan)
+                                    cut_to_budget, decide, fresh_solve, move_cycles,
+                                    rows_per_step, transfer_plan)
 from folding.placement.metrics import evaluate
 from folding.placement.placement import Placement
 from folding.placement.synth import SynthSpec, synthesize
@@ -54,6 +55,115 @@ def test_predicted_rows_equal_the_metrics_for_top2(trace):
         assert rows["rows"] == pytest.approx(d_gpu * 4 * 4096 / 2, rel=1e-12)
         assert rows["cross_rank"] == pytest.approx(rows["rows"] * 7 / 8)
         assert rows["cross_node"] == pytest.approx(rows["rows"] / 2)
+
+
+def exact_cross_node_rows(placement: Placement, trace: RoutingTrace, node_dedup: bool) -> float:
+    """Rows that leave their node, counted token by token and source rank by source rank (a
+    token starts on each EP rank alike): one per distinct remote rank hosting one of its
+    experts, or with node deduplication one per distinct remote node."""
+    P, G, S = placement.ep_size, placement.gpus_per_node, placement.slots_per_rank
+    total = 0.0
+    for layer in range(trace.num_layers):
+        rank_of = np.empty(trace.num_experts, dtype=np.int64)
+        rank_of[placement.layers[layer]] = np.arange(P * S) // S
+        for experts in trace.topk[layer]:
+            ranks = set(rank_of[experts].tolist())
+            for source in range(P):
+                remote = [r for r in ranks if r // G != source // G]
+                total += len({r // G for r in remote}) if node_dedup else len(remote)
+    return total / P
+
+
+@pytest.mark.parametrize("gpus_per_node", [4, 2])
+def test_predicted_cross_node_rows_follow_distinct_nodes_under_node_dedup(trace, gpus_per_node):
+    """Against an exact count on the trace: with node deduplication the cross-node rows are the
+    distinct remote nodes of each token, fewer than the distinct remote ranks when two of its
+    experts share a node but not a rank."""
+    small = trace.tokens(slice(0, 512))
+    stats = stats_of(small)
+    shuffled = Placement(32, 4, 8, 4, gpus_per_node,
+                         np.stack([np.random.default_rng(l).permutation(32) for l in range(4)]))
+    for placement in (Placement.identity(32, 4, 8, gpus_per_node), shuffled):
+        deduped = rows_per_step(placement, stats, node_dedup=True)["cross_node"]
+        per_rank = rows_per_step(placement, stats, node_dedup=False)["cross_node"]
+        assert deduped == pytest.approx(exact_cross_node_rows(placement, small, True), rel=1e-12)
+        assert per_rank == pytest.approx(exact_cross_node_rows(placement, small, False), rel=1e-12)
+        assert deduped < per_rank  # the test can tell the two counts apart
+
+
+def test_move_cycles_keep_every_rank_count():
+    current = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    target = np.array([1, 0, 2, 1, 3, 2, 0, 3])  # experts 0, 2, 4, 6 go round the four ranks
+    cycles = move_cycles(current, target)
+    assert [sorted(c) for c in cycles] == [[0, 2, 4, 6]]
+    for cycle in cycles:
+        trial = current.copy()
+        trial[cycle] = target[cycle]
+        assert np.array_equal(np.bincount(trial, minlength=4), np.bincount(current, minlength=4))
+    swaps = move_cycles(np.array([0, 0, 1, 1]), np.array([1, 0, 0, 1]))
+    assert swaps == [[0, 2]]
+
+
+def test_cut_moves_within_budget_towards_the_target(trace):
+    """Each prefix of the cut is a valid placement that moves no more than the budget per layer
+    and sends fewer predicted rows than the one before it; with a full budget the cut reaches a
+    placement as good as the fresh solve on the statistics."""
+    from folding.placement.solver import solve
+
+    stats = stats_of(trace)
+    current = Placement.identity(32, 4, 8, 4)
+    fresh = solve(stats, 8, 4, workers=1).placement
+    steps = cut_to_budget(current, fresh, stats, 0.1, node_dedup=True)
+    assert steps
+    rows = [rows_per_step(current, stats, True)["cross_node"]]
+    for placement in steps:
+        placement.validate(num_experts=32, num_layers=4, ep_size=8)
+        assert np.all(np.sum(placement.layers != current.layers, axis=1) <= 3)
+        rows.append(rows_per_step(placement, stats, True)["cross_node"])
+    assert rows[-1] < rows[0]
+    full = cut_to_budget(current, fresh, stats, 1.0, node_dedup=True)[-1]
+    assert (rows_per_step(full, stats, True)["cross_node"]
+            <= rows_per_step(fresh, stats, True)["cross_node"] * 1.001)
+
+
+def test_fresh_solves_of_other_seeds_map_back_to_the_real_experts(trace):
+    """A seeded fresh solve places relabelled experts; mapped back, it sends on the real
+    statistics exactly what the solver's placement sends on the relabelled ones."""
+    from folding.placement.solver import solve
+
+    stats, like = stats_of(trace), Placement.identity(32, 4, 8, 4)
+    assert np.array_equal(fresh_solve(stats, like, 0).layers,
+                          solve(stats, 8, 4, workers=1).placement.layers)
+    order = np.random.default_rng(1).permutation(32)
+    relabelled = RoutingStatistics(32, 2, stats.counts[:, order],
+                                   stats.pairs[:, order][:, :, order],
+                                   stats.transitions[:, order][:, :, order], stats.steps)
+    on_relabelled = solve(relabelled, 8, 4, workers=1).placement
+    mapped = fresh_solve(stats, like, 1)
+    for dedup in (False, True):
+        assert rows_per_step(mapped, stats, dedup) == pytest.approx(
+            rows_per_step(on_relabelled, relabelled, dedup), rel=1e-12)
+
+
+def test_decide_keeps_the_best_net_saving_of_its_candidates(trace):
+    """The attempt judges whichever candidate saves the most net of its move, so it is never
+    worse than the warm start alone."""
+    stats, current = stats_of(trace), Placement.identity(32, 4, 8, 4)
+
+    def net(candidates):
+        _, attempt = decide(current, stats, 10, 10, 0.1, COSTS, node_dedup=True,
+                            candidates=candidates)
+        return attempt.predicted_saving - attempt.bytes_moved, attempt
+
+    warm, _ = net(("warm",))
+    cut, _ = net(("cut",))
+    assert warm != pytest.approx(cut)  # so that taking the first or the last would show
+    for order in (("warm", "cut"), ("cut", "warm")):
+        both, attempt = net(order)
+        assert both == pytest.approx(max(warm, cut))
+        assert attempt.candidate.split()[0] == ("warm" if warm > cut else "cut")
+    with pytest.raises(Exception, match="unknown re-placement candidates"):
+        decide(current, stats, 10, 10, 0.1, COSTS, candidates=("cold",))
 
 
 def test_statistics_round_trip_and_solve_like_the_trace(trace):
@@ -213,3 +323,29 @@ def test_sixty_steps_with_and_without_replacement(tmp_path):
     assert len(left) == len(right) == 60
     for step, (x, y) in enumerate(zip(left, right)):
         assert abs(x - y) / x <= (1e-5 if step < 20 else 1e-3), step
+
+
+def cross_node_bytes(run: dict, last: int) -> float:
+    """The dispatcher's cross-node bytes per step over the last ``last`` steps of a run."""
+    steps = run["traffic"][-last:]
+    return sum(sum(layer["bytes_remote"] for layer in step.values()) for step in steps) / len(steps)
+
+
+@pytest.mark.megatron
+@pytest.mark.multiprocess
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+@pytest.mark.skipif(not LONG, reason="80 steps of tiny-moe-32e twice: FOLDING_LONG_TESTS=1")
+def test_replacement_pays_against_the_contiguous_layout():
+    """A re-placement every 40 steps (at most half the slots, as tools/bench_replacement.py
+    runs it) is applied at step 40, is predicted to save more cross-node bytes than it moves
+    (node-level deduplication is on: two nodes), and the last 20 of 80 steps send fewer
+    cross-node bytes than the same run on the contiguous layout."""
+    live = folding_train("--steps", "80", "--traffic", "--replace-interval", "40",
+                         "--replace-max-moved", "0.5")
+    plain = folding_train("--steps", "80", "--traffic")
+    first = live["replacements"][0]
+    assert first["step"] == 40 and first["applied"], first
+    assert first["predicted_saving"] >= first["bytes_moved"] > 0
+    assert first["predicted_saving"] == pytest.approx(first["predicted_cross_node_saving"])
+    assert cross_node_bytes(live, 20) < cross_node_bytes(plain, 20)

@@ -12,22 +12,27 @@ once to each distinct rank hosting one of its experts; for a token with top-k ex
 k minus its co-located pairs, exactly for k <= 2 without replicas (a lower bound beyond, as
 inclusion-exclusion stops at pairs); replicas count at a replica chosen uniformly, as in
 ``metrics``. A token starts on any EP rank alike (batches are drawn independently of the rank),
-so of the rows it sends a share 1 - 1/P leaves its rank and 1 - G/P its node. Each row crosses
+so of the rows it sends a share 1 - 1/P leaves its rank and 1 - G/P its node. Under node-level
+deduplication a token goes once to each distinct remote node instead, so its cross-node rows
+are its distinct nodes (k minus its pairs co-located on a node) times 1 - G/P. Each row crosses
 four times per step: dispatch and combine in the forward pass, and both again as gradients.
 
-``decide`` is one re-placement attempt: a warm-started solve within a move budget, the new
-placement aligned to the current one (an expert that stays on its rank keeps its slot), and the
-verdict: applied when the bytes it is predicted to save over the next interval cover the bytes
-it moves (parameters, fp32 main parameters and both Adam moments of every expert that changes
-slot), else skipped. Nothing here touches torch or a process group: ``folding.run.replacement``
-does the collecting, the communication and the moving.
+``decide`` is one re-placement attempt: candidates within a move budget (the solver
+warm-started from the current placement; fresh solves on the window, from several seeds,
+relabelled to overlap the current placement and cut to the budget cycle of moves by cycle of
+moves), each aligned to the current placement (an expert that stays on its rank keeps its
+slot); the one with the best net saving is judged: applied when the bytes it is predicted to
+save over the next interval cover the bytes it moves (parameters, fp32 main parameters and
+both Adam moments of every expert that changes slot), else skipped. Nothing here touches
+torch or a process group: ``folding.run.replacement`` does the collecting, the communication
+and the moving.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -58,6 +63,17 @@ class RoutingStatistics:
         E, L = num_experts, num_layers
         return cls(E, top_k, np.zeros((L, E)), np.zeros((L, E, E)),
                    np.zeros((max(L - 1, 0), E, E)), 0)
+
+    @classmethod
+    def of_trace(cls, trace, steps: int = 1) -> "RoutingStatistics":
+        """What the live hook would have summed over ``trace``'s tokens in ``steps`` steps."""
+        stats = cls.empty(trace.num_experts, trace.num_layers, trace.top_k)
+        stats.counts[:] = trace.expert_counts()
+        for layer in range(trace.num_layers):
+            stats.pairs[layer] = trace.coactivation(layer)
+        stats.transitions[:] = trace.top1_transitions()
+        stats.steps = steps
+        return stats
 
     # ------------------------------------------------------------ the solver's trace interface
     @property
@@ -124,15 +140,23 @@ def colocated_pairs(placement: Placement, stats: RoutingStatistics, level: str =
     return total
 
 
-def rows_per_step(placement: Placement, stats: RoutingStatistics) -> dict:
-    """Predicted rows one step sends: to every rank reached, off the source rank, off its node."""
+def rows_per_step(placement: Placement, stats: RoutingStatistics, node_dedup: bool = False) -> dict:
+    """Predicted rows one step sends: to every rank reached, off the source rank, off its node.
+
+    ``node_dedup``: the dispatcher sends a token's rows once per distinct remote node (to one
+    rank there, which forwards them), so its cross-node rows follow the distinct nodes a token
+    reaches, not the distinct ranks (exact for top-2 without replicas, as for ranks)."""
     if not stats.steps:
         return {"rows": 0.0, "cross_rank": 0.0, "cross_node": 0.0}
     P = placement.ep_size
     per_node = min(placement.gpus_per_node, P)
     distinct = stats.counts.sum() - colocated_pairs(placement, stats)
     rows = distinct / stats.steps
-    return {"rows": rows, "cross_rank": rows * (1 - 1 / P), "cross_node": rows * (1 - per_node / P)}
+    cross_node = rows * (1 - per_node / P)
+    if node_dedup and per_node < P:
+        nodes = stats.counts.sum() - colocated_pairs(placement, stats, "node")
+        cross_node = nodes / stats.steps * (1 - per_node / P)
+    return {"rows": rows, "cross_rank": rows * (1 - 1 / P), "cross_node": cross_node}
 
 
 def changed_slots(old: Placement, new: Placement) -> int:
@@ -174,6 +198,131 @@ def transfer_plan(old_row: np.ndarray, new_row: np.ndarray, slots_per_rank: int)
     return out
 
 
+# ---------------------------------------------------------------------------- a target, cut
+def move_cycles(current: np.ndarray, target: np.ndarray) -> List[List[int]]:
+    """The experts whose rank differs between ``current`` and ``target`` (rank per expert),
+    split into cycles: expert a goes to the rank expert b leaves, b to the rank c leaves, ...,
+    back to a's rank. Each cycle alone keeps every rank's expert count, so any subset of the
+    cycles is a valid placement; short cycles first (a swap closes as soon as it can)."""
+    moving = [int(e) for e in np.flatnonzero(current != target)]
+    leaving: dict = {}
+    for e in moving:
+        leaving.setdefault(int(current[e]), []).append(e)
+    used, cycles = set(), []
+    for first in moving:
+        if first in used:
+            continue
+        cycle, used_here = [first], {first}
+        home = int(current[first])
+        while int(target[cycle[-1]]) != home:
+            options = [e for e in leaving[int(target[cycle[-1]])]
+                       if e not in used and e not in used_here]
+            closing = [e for e in options if int(target[e]) == home]
+            nxt = (closing or options)[0]
+            cycle.append(nxt)
+            used_here.add(nxt)
+        used |= used_here
+        cycles.append(cycle)
+    return cycles
+
+
+def _layer_score(ranks: np.ndarray, pairs: np.ndarray, rank_nodes: np.ndarray,
+                 node_dedup: bool, rank_weight: float, node_weight: float) -> float:
+    """Co-located pairs of one layer (rank per expert), weighted as the training objective:
+    what a placement saves, up to a constant, in cross-rank and cross-node rows."""
+    same_rank = ranks[:, None] == ranks[None, :]
+    together = float(np.sum(pairs[same_rank]))
+    if node_dedup:
+        nodes = rank_nodes[ranks]
+        node_together = float(np.sum(pairs[nodes[:, None] == nodes[None, :]]))
+    else:
+        node_together = together
+    return rank_weight * together + node_weight * node_together
+
+
+def fresh_solve(stats: RoutingStatistics, like: Placement, seed: int = 0,
+                time_limit: Optional[float] = None) -> Placement:
+    """The training solve on ``stats`` from scratch for ``like``'s ranks and nodes, with the
+    experts relabelled by a permutation drawn from ``seed`` first (0: none): the solver's
+    search is deterministic, and the labels steer its ties and its random kicks, so each seed
+    is another local optimum of the same problem. Returned in the original labels."""
+    from folding.placement.solver import solve
+
+    E = stats.num_experts
+    order = np.arange(E) if seed == 0 else np.random.default_rng(seed).permutation(E)
+    # Expert j of the relabelled statistics is expert order[j] of the real ones.
+    relabelled = RoutingStatistics(E, stats.top_k, stats.counts[:, order],
+                                   stats.pairs[:, order][:, :, order],
+                                   stats.transitions[:, order][:, :, order], stats.steps)
+    found = solve(relabelled, like.ep_size, like.gpus_per_node, "training",
+                  redundant=like.redundant_slots, time_limit=time_limit, workers=1).placement
+    return Placement(E, found.num_layers, found.ep_size, found.slots_per_rank,
+                     found.gpus_per_node, order[found.layers]).validate()
+
+
+def cut_to_budget(current: Placement, target: Placement, stats: RoutingStatistics,
+                  max_moved: float, node_dedup: bool = False) -> List[Placement]:
+    """Steps from ``current`` towards ``target`` (both without replicas), each applying one more
+    cycle of moves (``move_cycles``) of some layer: the cycle with the best gain in co-located
+    pairs (training objective weights) per moved slot, as long as it gains, fits the layer's
+    move budget (``max_moved`` of its slots, as the solver counts it) and leaves no rank more
+    loaded on the window than the more loaded of the two placements. ``target`` is relabelled
+    first (whole nodes, ranks in a node) to overlap ``current`` most. Returns the placement
+    after each step, in order (the caller picks the prefix that pays best)."""
+    from folding.placement.metrics import objective_weights
+    from folding.placement.training import align_ranks
+
+    if current.redundant_slots or target.redundant_slots:
+        return []
+    rank_weight, node_weight = objective_weights("training")
+    rank_nodes = current.rank_nodes
+    S, P = current.slots_per_rank, current.ep_size
+    budget = int(np.floor(max_moved * P * S))
+    slot_ranks = current.slot_ranks
+    state, cycles, left, limits = [], [], [], []
+    for layer in range(current.num_layers):
+        now = np.empty(current.num_experts, dtype=np.int64)
+        now[current.layers[layer]] = slot_ranks
+        goal = np.empty(current.num_experts, dtype=np.int64)
+        goal[target.layers[layer]] = slot_ranks
+        goal = align_ranks(goal, now, rank_nodes)
+        loads = stats.counts[layer]
+        limits.append(max(np.bincount(now, loads, P).max(), np.bincount(goal, loads, P).max())
+                      * (1 + 1e-9))
+        state.append(now)
+        cycles.append([(c, goal[c]) for c in move_cycles(now, goal)])
+        left.append(budget)
+    score = [_layer_score(state[l], stats.pairs[l], rank_nodes, node_dedup, rank_weight,
+                          node_weight) for l in range(current.num_layers)]
+    out = []
+    while True:
+        best = None
+        for layer, options in enumerate(cycles):
+            loads = stats.counts[layer]
+            for index, (members, ranks) in enumerate(options):
+                if len(members) > left[layer]:
+                    continue
+                trial = state[layer].copy()
+                trial[members] = ranks
+                if np.bincount(trial, loads, P).max() > limits[layer]:
+                    continue
+                gain = _layer_score(trial, stats.pairs[layer], rank_nodes, node_dedup,
+                                    rank_weight, node_weight) - score[layer]
+                if gain > 1e-9 and (best is None or gain / len(members) > best[0]):
+                    best = (gain / len(members), layer, index, trial, gain)
+        if best is None:
+            return out
+        _, layer, index, trial, gain = best
+        members, _ = cycles[layer].pop(index)
+        state[layer], score[layer] = trial, score[layer] + gain
+        left[layer] -= len(members)
+        rows = current.layers.copy()
+        for l in range(current.num_layers):
+            rows[l] = np.argsort(state[l], kind="stable")  # experts of rank 0, then rank 1, ...
+        out.append(align_to_previous(Placement(current.num_experts, current.num_layers, P, S,
+                                               current.gpus_per_node, rows), current))
+
+
 # ---------------------------------------------------------------------------- one attempt
 @dataclass
 class Attempt:
@@ -184,7 +333,9 @@ class Attempt:
     slots_moved: int
     bytes_moved: int
     predicted_saving: float
-    """Cross-rank bytes the new placement is predicted to save over the next interval."""
+    """Bytes the new placement is predicted to save over the next interval, what the verdict
+    weighs against ``bytes_moved``: cross-rank bytes, or cross-node bytes under node-level
+    deduplication (``decide``'s ``node_dedup``)."""
     predicted_cross_node_saving: float
     applied: bool
     reason: str
@@ -194,6 +345,9 @@ class Attempt:
     cross_node_rows_before: float = 0.0
     cross_node_rows_after: float = 0.0
     """Predicted cross-node rows per step under the current and the new placement."""
+    candidate: str = ""
+    """Which candidate was judged: "warm" (the warm-started solve) or "cut N" (a fresh solve
+    cut to its first N cycles of moves); empty when there was none."""
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -220,43 +374,87 @@ class MoveCosts:
 
 def decide(current: Placement, stats: RoutingStatistics, step: int, interval: int,
            max_moved: float, costs: MoveCosts, time_limit: Optional[float] = None,
-           always: bool = False) -> Tuple[Optional[Placement], Attempt]:
-    """Solve from ``current`` within ``max_moved`` of each layer's slots and judge the result.
+           always: bool = False, node_dedup: bool = False,
+           candidates: Sequence[str] = ("warm", "cut"),
+           fresh_solves: int = 3) -> Tuple[Optional[Placement], Attempt]:
+    """Find placements within ``max_moved`` of each layer's slots from ``current``, keep the one
+    with the best net saving, and judge it.
 
-    Returns the placement to switch to (None when skipped) and the attempt's record. The saving
-    is counted over ``interval`` steps at the window's tokens per step, in cross-rank bytes (what
-    leaves a rank, the network traffic the move competes with). ``always`` applies any placement
-    that moves a slot, whatever it saves (for checks that the switch is exact)."""
+    Candidates (``candidates``): "warm", the solver warm-started from ``current`` within the
+    budget; "cut", a fresh solve on the window (what an offline placement would be), relabelled
+    to overlap ``current`` and cut to the budget one cycle of moves at a time, best gain per
+    moved slot first (``cut_to_budget``), every prefix of that being a candidate; the fresh
+    solve runs ``fresh_solves`` times, on the experts relabelled by a seeded permutation after
+    the first (``fresh_solve``), which sends the search down another path. The net saving of a
+    candidate is its predicted saving over ``interval`` steps at the window's tokens per step
+    (cross-rank bytes; cross-node bytes under ``node_dedup``) minus the bytes it moves; the best
+    one is applied when its saving covers its bytes (``always``: whenever it moves a slot, for
+    checks that the switch is exact), else skipped. ``node_dedup``: the dispatcher deduplicates
+    per node (cross-node rows follow the distinct nodes of a token, see ``rows_per_step``; the
+    cut then values node co-location as such). Returns the placement to switch to (None when
+    skipped) and the attempt's record;
+    ``Attempt.candidate`` names the one judged."""
     from folding.placement.solver import solve
 
     started = time.perf_counter()
+    deadline = None if time_limit is None else started + time_limit
 
     def skipped(reason: str, slots: int = 0, moved: int = 0, saving: float = 0.0,
-                node_saving: float = 0.0, before: float = 0.0, after: float = 0.0):
+                node_saving: float = 0.0, before: float = 0.0, after: float = 0.0,
+                candidate: str = ""):
         return None, Attempt(step, slots, moved, saving, node_saving, False, reason,
-                             time.perf_counter() - started, None, before, after)
+                             time.perf_counter() - started, None, before, after, candidate)
 
     if stats.steps == 0 or stats.counts.sum() == 0:
         return skipped("no routing statistics")
     if max_moved <= 0:
         return skipped("move budget is 0")
-    result = solve(stats, current.ep_size, current.gpus_per_node, "training",
-                   redundant=current.redundant_slots, time_limit=time_limit, previous=current,
-                   max_moved=max_moved, workers=1)
-    new = align_to_previous(result.placement, current)
-    slots = changed_slots(current, new)
-    before, after = rows_per_step(current, stats), rows_per_step(new, stats)
+    unknown = set(candidates) - {"warm", "cut"}
+    if unknown or not candidates:
+        raise FoldingError(f"unknown re-placement candidates {sorted(unknown)}: use warm, cut")
+
+    def left() -> Optional[float]:
+        return None if deadline is None else max(deadline - time.perf_counter(), 1e-3)
+
+    found: List[Tuple[str, Placement]] = []
+    if "warm" in candidates:
+        result = solve(stats, current.ep_size, current.gpus_per_node, "training",
+                       redundant=current.redundant_slots, time_limit=left(), previous=current,
+                       max_moved=max_moved, workers=1)
+        found.append(("warm", align_to_previous(result.placement, current)))
+    if "cut" in candidates and not current.redundant_slots:
+        for seed in range(max(fresh_solves, 1)):
+            fresh = fresh_solve(stats, current, seed, left())
+            tag = "cut" if seed == 0 else f"cut (seed {seed})"
+            found += [(f"{tag} {i + 1}", p) for i, p in
+                      enumerate(cut_to_budget(current, fresh, stats, max_moved, node_dedup))]
+            if deadline is not None and time.perf_counter() > deadline:
+                break
+
+    before = rows_per_step(current, stats, node_dedup)
     scale = PASSES_PER_STEP * costs.row_bytes * interval
-    saving = (before["cross_rank"] - after["cross_rank"]) * scale
-    node_saving = (before["cross_node"] - after["cross_node"]) * scale
-    moved = slots * costs.expert_bytes * costs.copies
-    if slots == 0:
+    # Under node-level deduplication a token's rows relay through one rank of each remote
+    # node, which the distinct-rank count does not follow: the saving counted is cross-node.
+    measure = "cross_node" if node_dedup else "cross_rank"
+    best = None
+    for name, new in found:
+        slots = changed_slots(current, new)
+        if slots == 0:
+            continue
+        after = rows_per_step(new, stats, node_dedup)
+        saving = (before[measure] - after[measure]) * scale
+        moved = slots * costs.expert_bytes * costs.copies
+        if best is None or saving - moved > best[3] - best[4]:
+            best = (name, new, slots, saving, moved, after)
+    if best is None:
         return skipped("the solver kept every slot", 0, 0, 0.0, 0.0, before["cross_node"],
                        before["cross_node"])
+    name, new, slots, saving, moved, after = best
+    node_saving = (before["cross_node"] - after["cross_node"]) * scale
     if saving < moved and not always:
         return skipped("predicted saving does not cover the bytes moved", slots, moved, saving,
-                       node_saving, before["cross_node"], after["cross_node"])
+                       node_saving, before["cross_node"], after["cross_node"], name)
     reason = "saving covers the move" if saving >= moved else "applied whatever it saves"
     return new, Attempt(step, slots, moved, saving, node_saving, True, reason,
                         time.perf_counter() - started, None, before["cross_node"],
-                        after["cross_node"])
+                        after["cross_node"], name)

@@ -10,11 +10,13 @@ pipeline stages are not seen; the training objective does not use them.
 
 ``Replacer`` runs the loop's side: every ``interval`` steps it reduces the window's statistics
 and starts ``folding.placement.live.decide`` on rank 0 in a thread, on numpy copies, so training
-goes on while it solves. The verdict is broadcast at the first step boundary after the solve is
-ready (rank 0 says each boundary whether it is), or, with ``apply_after``, at exactly that many
-steps after the solve started (waiting for it if needed), which makes a run repeatable. Every
-rank then moves its experts with ``RankTrainer.move_experts``. One solve is in flight at a time;
-a boundary that finds one still running lets the window grow.
+goes on while it solves (telling it whether the dispatcher deduplicates per node, which decides
+what a placement is predicted to send across nodes). The verdict is broadcast at the first step
+boundary after the solve is ready (rank 0 says each boundary whether it is), or, with
+``apply_after``, at exactly that many steps after the solve started (waiting for it if needed),
+which makes a run repeatable. Every rank then moves its experts with
+``RankTrainer.move_experts``. One solve is in flight at a time; a boundary that finds one still
+running lets the window grow.
 """
 
 from __future__ import annotations
@@ -118,6 +120,15 @@ def move_costs(trainer) -> MoveCosts:
                      copies=trainer.spec.edp)
 
 
+def node_dedup(trainer) -> bool:
+    """Whether the folded dispatcher deduplicates per node (on by default when the EP group
+    spans several nodes): cross-node rows then follow the distinct nodes of a token."""
+    from folding.dispatcher.moe_layer import folded_moe_layers
+
+    layers = folded_moe_layers(trainer.chunks)
+    return bool(layers and getattr(layers[0].token_dispatcher, "node_dedup", False))
+
+
 class Replacer:
     """Periodic re-placement of one rank's trainer; ``after_step`` is a collective."""
 
@@ -131,6 +142,7 @@ class Replacer:
         self.rank = dist.get_rank()
         self.stats = LiveStatistics(trainer)
         self.costs = move_costs(trainer)
+        self.node_dedup = node_dedup(trainer)
         self.attempts: List[Attempt] = []
         self._pending: Optional[int] = None  # step at which the solve in flight started
         self._thread: Optional[threading.Thread] = None
@@ -165,7 +177,8 @@ class Replacer:
         def work():
             try:
                 self._result = decide(current, stats, step, self.interval, self.max_moved,
-                                      self.costs, self.time_limit, self.always)
+                                      self.costs, self.time_limit, self.always,
+                                      node_dedup=self.node_dedup)
             except Exception as e:  # a failed solve skips this attempt, training goes on
                 self._result = (None, Attempt(step, 0, 0, 0.0, 0.0, False,
                                               f"solve failed: {e}", 0.0))
