@@ -92,3 +92,27 @@ def largest_relative_difference(a: Dict[int, float], b: Dict[int, float], iterat
     missing = [i for i in iterations if i not in a or i not in b]
     assert not missing, f"iterations {missing} missing from a run"
     return max(abs(a[i] - b[i]) / max(abs(a[i]), abs(b[i])) for i in iterations)
+
+
+def checkpoint_tensors(folder: Path, scratch: Path) -> Dict[str, "torch.Tensor"]:
+    """Every floating-point tensor of one torch_dist checkpoint iteration folder, by its
+    checkpoint name (``optimizer.state.exp_avg.<parameter>`` for Adam's moments with
+    ``--dist-ckpt-optim-fully-reshardable``), read with torch's own DCP reader, no process group
+    needed. Experts are stacked by the expert they are, not by slot."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = scratch / (folder.parent.name + "_" + folder.name + ".pt")
+    dcp_to_torch_save(str(folder), str(out))
+    loaded = torch.load(out, weights_only=False)
+    out.unlink()
+    return {k: v for k, v in loaded.items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point()}
+
+
+def largest_tensor_difference(a: Dict[str, "torch.Tensor"], b: Dict[str, "torch.Tensor"]
+                              ) -> Dict[str, float]:
+    """Per tensor name (both must have the same names): max |a - b| / max |b|."""
+    assert sorted(a) == sorted(b), f"tensor names differ: {sorted(set(a) ^ set(b))[:5]}"
+    return {k: float((a[k].double() - b[k].double()).abs().max()
+                     / max(float(b[k].double().abs().max()), 1e-30)) for k in a}

@@ -18,7 +18,9 @@ def register(sub) -> None:
                     "ARGS`; or with --nproc N it starts N local ranks itself and stops them all, "
                     "naming the rank, when one fails. A bad folding or a flag the folded "
                     "dispatcher cannot train with is refused in one line, exit status 2, before "
-                    "any rank trains.",
+                    "any rank trains. With --folding-replace-interval N the experts are "
+                    "re-placed every N steps from live routing statistics and moved between two "
+                    "steps with their optimizer state (docs/commands.md).",
         usage="folding megatron [--cpu] [--nproc N] [--json] -- SCRIPT [SCRIPT ARGS ...]")
     p.add_argument("--cpu", action="store_true",
                    help="train on CPU with gloo: the CPU runtime on, and Megatron's CPU flags "

@@ -123,3 +123,17 @@ def spec_from_args(args) -> FoldingSpec:
         cp_comm_type=comm,
         **degrees,
     )
+
+
+def model_from_args(args):
+    """The model facts of Megatron's arguments (``ModelArch``) that a placement is checked
+    against and that routing statistics and expert moves are sized by."""
+    from folding.recipe import ModelArch
+
+    vocab = getattr(args, "padded_vocab_size", None) or getattr(args, "vocab_size", None)
+    # Megatron's parser always sets the top-k; a hand-built namespace may leave it to the default.
+    topk = {} if getattr(args, "moe_router_topk", None) is None else {"moe_router_topk": args.moe_router_topk}
+    return ModelArch(num_layers=args.num_layers, hidden_size=args.hidden_size,
+                     num_attention_heads=args.num_attention_heads, vocab_size=vocab,
+                     ffn_hidden_size=args.ffn_hidden_size, num_experts=args.num_experts,
+                     moe_layer_freq=args.moe_layer_freq, **topk)

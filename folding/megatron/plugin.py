@@ -3,7 +3,8 @@
 This module owns five things and no rule of its own:
 
 - ``add_arguments(parser)``: the ``--folding-*`` flags on Megatron's argument parser (Megatron's
-  ``extra_args_provider`` convention: it takes the parser and returns it).
+  ``extra_args_provider`` convention: it takes the parser and returns it), the
+  ``--folding-replace-*`` ones from ``folding.megatron.replacement``.
 - ``spec_from_args(args)``: the ``FoldingSpec`` of a parsed and validated Megatron argument
   namespace (from ``folding.megatron.mapping``, re-exported here for the patches).
 - ``check_mesh(spec)``: once Megatron-LM's ``initialize_megatron`` has built its process
@@ -28,7 +29,7 @@ import dataclasses
 from typing import Callable, Optional
 
 from folding.errors import FoldingError
-from folding.megatron.mapping import spec_from_args
+from folding.megatron.mapping import model_from_args, spec_from_args
 from folding.mesh import FoldingSpec
 
 # Megatron flags the folded dispatcher cannot train with, and why.
@@ -66,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser,
                        help="--folding-dispatcher sends a token once per remote node, through one "
                             "rank there that forwards it inside its node (auto: when the EP group "
                             "spans several nodes)")
+    from folding.megatron import replacement
+
+    replacement.add_arguments(group)
     return then(parser) if then is not None else parser
 
 
@@ -95,17 +99,6 @@ def check_mesh_hook(args) -> Callable:
 
 
 # --------------------------------------------------------------------------- folded dispatcher
-def _model_of(args):
-    """The model facts of Megatron's arguments that a placement is checked against."""
-    from folding.recipe import ModelArch
-
-    vocab = getattr(args, "padded_vocab_size", None) or getattr(args, "vocab_size", None)
-    return ModelArch(num_layers=args.num_layers, hidden_size=args.hidden_size,
-                     num_attention_heads=args.num_attention_heads, vocab_size=vocab,
-                     ffn_hidden_size=args.ffn_hidden_size, num_experts=args.num_experts,
-                     moe_layer_freq=args.moe_layer_freq)
-
-
 def folded_layer_arguments(args):
     """Refuse what the folded dispatcher cannot do (FoldingError); return what ``fold`` needs
     after the spec: the placement, the MoE ordinal of each layer, ranks per node, layers."""
@@ -124,7 +117,10 @@ def folded_layer_arguments(args):
         raise FoldingError("--folding-dispatcher does not work with --moe-token-dispatcher-type "
                            "flex: Megatron would first build its DeepEP/HybridEP dispatcher; "
                            "use alltoall")
-    spec, arch = spec_from_args(args), _model_of(args)
+    spec, arch = spec_from_args(args), model_from_args(args)
+    from folding.megatron import replacement
+
+    replacement.check_arguments(args)
     if args.folding_placement:
         placement = Placement.load(args.folding_placement)
         check_placement(placement, arch, spec)
@@ -206,7 +202,11 @@ def folded_decoder_spec(layer_or_block_spec, args):
     Experts follow ``--folding-placement`` (Megatron's contiguous layout without it). Raises
     FoldingError, one line naming the problem, for what the folded dispatcher cannot do.
     """
-    return fold(layer_or_block_spec, *folded_layer_arguments(args))
+    folding_arguments = folded_layer_arguments(args)
+    from folding.megatron import replacement
+
+    replacement.ensure_installed(args)  # a patched script's --folding-replace-interval
+    return fold(layer_or_block_spec, *folding_arguments)
 
 
 def layer_spec_provider(args, base=None) -> Callable:
@@ -216,6 +216,9 @@ def layer_spec_provider(args, base=None) -> Callable:
     ``args`` is checked at once, so refusals come before any rank starts.
     """
     folding_arguments = folded_layer_arguments(args)
+    from folding.megatron import replacement
+
+    replacement.ensure_installed(args)  # a patched script's --folding-replace-interval
 
     def provide(model_config, vp_stage=None):
         spec = base

@@ -12,7 +12,10 @@ main goes through, whatever it does around them:
   ``FoldedMoELayer``; with
   ``--folding-check-mesh`` the first model built on a rank (Megatron has built its groups by
   then, and every rank builds its first chunk together) compares every group with the folded
-  mesh.
+  mesh;
+- ``train_step``, ``save_checkpoint`` and ``load_checkpoint`` of ``megatron.training.training``:
+  with ``--folding-replace-interval`` the experts are re-placed between two steps
+  (``folding.megatron.replacement``).
 
 Both go through ``folding.megatron.plugin``, which the patches in ``patches/`` call too. A script
 that is itself patched keeps working: the flags are added once and a spec is folded once.
@@ -63,6 +66,9 @@ def check_arguments(args) -> None:
             getattr(args, "transformer_impl", "local") == "transformer_engine"
             and have_transformer_engine()):
         plugin.spec_from_args(args)  # the plugin's CP attention: its comm types, a2a's heads
+    from folding.megatron import replacement
+
+    replacement.check_arguments(args)
     if not uses_folding(args):
         return
     if args.folding_placement and not args.folding_dispatcher:
@@ -177,6 +183,10 @@ def install(patcher=None):
         hook(self, *args, **kwargs)
 
     patcher.set(GPTModel, "__init__", __init__)
+    # --folding-replace-interval: Megatron's train_step and checkpointing, where train() calls them.
+    from folding.megatron import replacement
+
+    replacement.install(patcher)
     return patcher
 
 
