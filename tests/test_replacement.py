@@ -27,15 +27,7 @@ from folding.recipe import load_recipe
 LONG = bool(os.environ.get("FOLDING_LONG_TESTS"))
 
 
-def stats_of(trace: RoutingTrace, steps: int = 1) -> RoutingStatistics:
-    """What the live hook would have summed over ``trace``'s tokens."""
-    stats = RoutingStatistics.empty(trace.num_experts, trace.num_layers, trace.top_k)
-    stats.counts[:] = trace.expert_counts()
-    for layer in range(trace.num_layers):
-        stats.pairs[layer] = trace.coactivation(layer)
-    stats.transitions[:] = trace.top1_transitions()
-    stats.steps = steps
-    return stats
+stats_of = RoutingStatistics.of_trace
 
 
 @pytest.fixture(scope="module")

@@ -137,3 +137,23 @@ def model_from_args(args):
                      num_attention_heads=args.num_attention_heads, vocab_size=vocab,
                      ffn_hidden_size=args.ffn_hidden_size, num_experts=args.num_experts,
                      moe_layer_freq=args.moe_layer_freq, **topk)
+
+
+def refuse_checkpoints_by_position(args, flag: str) -> None:
+    """Checkpoints written or read while ``flag`` moves experts off Megatron's contiguous layout
+    must name experts by what they are. The folded layer's sharded state dict does (torch_dist),
+    but two formats lay state out by position instead, so they would resume experts, or their
+    Adam moments, on the wrong slots (FoldingError, one line)."""
+    if not (getattr(args, "save", None) or getattr(args, "load", None)):
+        return
+    if getattr(args, "ckpt_format", "torch_dist") == "torch":
+        raise FoldingError(f"{flag} with --ckpt-format torch: that format stores experts by "
+                           f"slot, so a checkpoint would load the wrong experts under another "
+                           f"placement; use --ckpt-format torch_dist")
+    if getattr(args, "use_distributed_optimizer", False) and \
+            not getattr(args, "dist_ckpt_optim_fully_reshardable", False):
+        raise FoldingError(f"{flag} with --use-distributed-optimizer needs "
+                           f"--dist-ckpt-optim-fully-reshardable: Megatron's default "
+                           f"(dp_reshardable) optimizer checkpoint stores Adam's moments by buffer "
+                           f"position, not by expert, so they would resume on the wrong experts "
+                           f"under another placement")

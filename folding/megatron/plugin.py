@@ -29,7 +29,7 @@ import dataclasses
 from typing import Callable, Optional
 
 from folding.errors import FoldingError
-from folding.megatron.mapping import model_from_args, spec_from_args
+from folding.megatron.mapping import model_from_args, refuse_checkpoints_by_position, spec_from_args
 from folding.mesh import FoldingSpec
 
 # Megatron flags the folded dispatcher cannot train with, and why.
@@ -129,30 +129,11 @@ def folded_layer_arguments(args):
                                f"slot(s) per rank for replicas: Megatron-LM's training loop does "
                                f"not sum replica gradients (folding train does); use a placement "
                                f"without --redundant")
-        _check_checkpoint_format(args)
+        refuse_checkpoints_by_position(args, "--folding-placement")
     else:
         placement = identity_placement(arch, spec)
     node_dedup = {"auto": None, "on": True, "off": False}[getattr(args, "folding_node_dedup", "auto")]
     return placement, arch.moe_ordinals(), spec.gpus_per_node, arch.num_layers, node_dedup
-
-
-def _check_checkpoint_format(args) -> None:
-    """Checkpoints written or read under a placement must name experts by what they are. The
-    folded layer's sharded state dict does (torch_dist), but two formats lay state out by
-    position instead, so they would resume experts, or their Adam moments, on the wrong slots."""
-    if not (getattr(args, "save", None) or getattr(args, "load", None)):
-        return
-    if getattr(args, "ckpt_format", "torch_dist") == "torch":
-        raise FoldingError("--folding-placement with --ckpt-format torch: that format stores "
-                           "experts by slot, so a checkpoint would load the wrong experts under "
-                           "another placement; use --ckpt-format torch_dist")
-    if getattr(args, "use_distributed_optimizer", False) and \
-            not getattr(args, "dist_ckpt_optim_fully_reshardable", False):
-        raise FoldingError("--folding-placement with --use-distributed-optimizer needs "
-                           "--dist-ckpt-optim-fully-reshardable: Megatron's default "
-                           "(dp_reshardable) optimizer checkpoint stores Adam's moments by buffer "
-                           "position, not by expert, so they would resume on the wrong experts "
-                           "under another placement")
 
 
 def fold(layer_or_block_spec, placement, ordinals, gpus_per_node, num_layers, node_dedup=None):

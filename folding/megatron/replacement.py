@@ -106,16 +106,9 @@ def check_arguments(args) -> None:
         raise FoldingError("--folding-replace-interval does not work with "
                            "--overlap-param-gather: parameters would be gathered into the "
                            "slots after they moved")
-    if getattr(args, "save", None) or getattr(args, "load", None):
-        if getattr(args, "ckpt_format", "torch_dist") == "torch":
-            raise FoldingError("--folding-replace-interval with --ckpt-format torch: that "
-                               "format stores experts by slot; use --ckpt-format torch_dist")
-        if getattr(args, "use_distributed_optimizer", False) and \
-                not getattr(args, "dist_ckpt_optim_fully_reshardable", False):
-            raise FoldingError("--folding-replace-interval with --use-distributed-optimizer "
-                               "needs --dist-ckpt-optim-fully-reshardable: the default optimizer "
-                               "checkpoint stores Adam's moments by buffer position, not by "
-                               "expert")
+    from folding.megatron.mapping import refuse_checkpoints_by_position
+
+    refuse_checkpoints_by_position(args, "--folding-replace-interval")
 
 
 # --------------------------------------------------------------------------- the trainer
