@@ -72,3 +72,27 @@ def test_megatron_lms_pretrain_gpt_trains_folded_as_it_trains_stock(tag, tmp_pat
         through_patch = _run(patched, PLUGIN, tmp_path, "patched")
         assert sum("FoldedMoELayer" in line for line in through_patch["plugin"]) == 1
         assert largest_relative_difference(losses(stock), losses(through_patch), iterations) <= 1e-5
+
+
+def test_megatron_lms_patched_pretrain_gpt_re_places_experts_exactly(tmp_path):
+    """``--folding-replace-interval`` through the patched pretrain_gpt.py of the newest tagged
+    patch: experts move every 4 iterations (any slot, whatever it saves) and the losses stay
+    those of the same folded run without moving (within 1e-5 relative)."""
+    git_dir = os.environ.get("MEGATRON_LM_GIT")
+    if not git_dir:
+        pytest.skip("set MEGATRON_LM_GIT to a Megatron-LM git directory to run its pretrain_gpt.py")
+    needs_megatron_training()
+    tag = "core_v0.19.0"
+    patched = _export(git_dir, tag, tmp_path / "patched")
+    subprocess.run(["git", "apply", str(PATCHES / f"megatron-lm-{tag}.patch")], cwd=patched,
+                   check=True)
+    # 8 experts, two per EP rank, so that a placement can put a pair together.
+    fixed = _run(patched, PLUGIN + ["--num-experts", "8"], tmp_path, "fixed")
+    moving = _run(patched, PLUGIN + ["--num-experts", "8", "--folding-replace-interval", "4",
+                                     "--folding-replace-max-moved", "1",
+                                     "--folding-replace-always",
+                                     "--folding-replace-apply-after", "1"], tmp_path, "moving")
+    applied = [line for line in moving["plugin"]
+               if "re-placement at step" in line and "applied at" in line]
+    assert len(applied) >= 3, moving["plugin"]
+    assert largest_relative_difference(losses(fixed), losses(moving), range(1, 21)) <= 1e-5

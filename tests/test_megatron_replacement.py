@@ -22,13 +22,17 @@ pytestmark = [pytest.mark.megatron]
 
 # TP1 PP1 DP4 | ETP1 EP2 EDP2: two experts per rank, and the distributed optimizer shards each
 # expert's main parameters and moments over two expert-data-parallel ranks.
-FOLDING = ["--expert-model-parallel-size", "2", "--expert-tensor-parallel-size", "1",
-           "--use-distributed-optimizer", "--dist-ckpt-optim-fully-reshardable",
-           "--folding-dispatcher"]
-FOLDINGS = {
-    "dp4_etp1-ep2-edp2": FOLDING,
+DISTRIBUTED = ["--expert-tensor-parallel-size", "1", "--use-distributed-optimizer",
+               "--dist-ckpt-optim-fully-reshardable", "--folding-dispatcher"]
+FOLDING = ["--expert-model-parallel-size", "2", *DISTRIBUTED]
+FOLDINGS = {  # ranks and flags
+    "dp4_etp1-ep2-edp2": (4, FOLDING),
     # two pipeline stages, each with its own EP group and two of the four MoE layers
-    "pp2-dp2_etp1-ep2": ["--pipeline-model-parallel-size", "2", *FOLDING],
+    "pp2-dp2_etp1-ep2": (4, ["--pipeline-model-parallel-size", "2", *FOLDING]),
+    # the issue's folding on 8 ranks: TP1 PP2 DP4 | ETP1 EP4, with 8 experts (two per rank,
+    # so that a placement can put a pair together)
+    "pp2-dp4_etp1-ep4": (8, ["--pipeline-model-parallel-size", "2", "--num-experts", "8",
+                             "--expert-model-parallel-size", "4", *DISTRIBUTED]),
 }
 # Every 4 steps, any slot may move, applied whatever it saves, one step after the solve starts
 # (repeatable): moves at the boundaries after steps 5, 9, 13 and 17.
@@ -52,9 +56,10 @@ def _applied(run) -> list:
 @pytest.mark.parametrize("name", sorted(FOLDINGS))
 def test_re_placement_with_the_distributed_optimizer_trains_exactly_and_resumes(name, tmp_path):
     _long()
-    folding = FOLDINGS[name]
-    reference = train(4, *folding, "--save", str(tmp_path / "reference"), "--save-interval", "10")
-    replaced = train(4, *folding, *REPLACE, "--save", str(tmp_path / "replaced"),
+    ranks, folding = FOLDINGS[name]
+    reference = train(ranks, *folding, "--save", str(tmp_path / "reference"), "--save-interval",
+                      "10")
+    replaced = train(ranks, *folding, *REPLACE, "--save", str(tmp_path / "replaced"),
                      "--save-interval", "10")
     applied = _applied(replaced)
     assert len(applied) >= 3, replaced["plugin"]
@@ -78,7 +83,7 @@ def test_re_placement_with_the_distributed_optimizer_trains_exactly_and_resumes(
     assert not (tmp_path / "reference" / final / "folding_replacement.json").exists()
     # ...and a resume from iteration 10 starts from them and trains as the uninterrupted run
     # (Megatron logs the second iteration after a resume as the mean of two: 12 is left out).
-    resumed = train(4, *folding, *REPLACE, "--load", str(tmp_path / "replaced"), "--ckpt-step",
+    resumed = train(ranks, *folding, *REPLACE, "--load", str(tmp_path / "replaced"), "--ckpt-step",
                     "10")
     assert any("resuming with the placement and routing statistics saved at iteration 10" in line
                for line in resumed["plugin"]), resumed["plugin"]
@@ -98,16 +103,24 @@ runpy.run_path({script!r}, run_name="__main__")
 """
 
 
+EXIT_AT = ["--exit-interval", "8"]  # same schedule as 20 iterations, stops after 8
+
+
+@pytest.fixture(scope="module")
+def eight_iterations():
+    """The folding without re-placement, 8 iterations of the 20-iteration schedule."""
+    _long()
+    return train(4, *FOLDING, *EXIT_AT)
+
+
 @pytest.mark.multiprocess
 @pytest.mark.slow
-def test_moves_that_leave_adams_moments_behind_are_caught(tmp_path):
+def test_moves_that_leave_adams_moments_behind_are_caught(tmp_path, eight_iterations):
     """The check above has teeth: the same re-placement with the moments left on their slots
     trains differently from the third step after the first move on."""
-    _long()
     script = tmp_path / "left_behind.py"
     script.write_text(LEFT_BEHIND.format(script=str(SCRIPT)))
-    exit_at = ["--exit-interval", "8"]  # same schedule as 20 iterations, stops after 8
-    reference = train(4, *FOLDING, *exit_at)
+    exit_at, reference = EXIT_AT, eight_iterations
     done = launch(4, _flags(*FOLDING, *REPLACE, *exit_at), script=script)
     left = json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
     left["stderr"] = done.stderr
@@ -116,6 +129,25 @@ def test_moves_that_leave_adams_moments_behind_are_caught(tmp_path):
     caught = largest_relative_difference(losses(reference), losses(left), range(7, 9))
     print(f"moments left behind: iterations 7-8 differ by {caught:.2e} (relative)")
     assert caught > 1e-5
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_a_re_placement_that_does_not_pay_is_skipped_and_logged(eight_iterations):
+    """Without ``--folding-replace-always`` the verdict weighs the move: over 3 steps of 512
+    tokens a better placement of this model saves a few kB, while each expert moved costs
+    about 300 kB on each of 2 expert-data-parallel ranks. Both attempts (solved after steps 3
+    and 6, judged one step later) are skipped, said so in a line, and training is the run
+    without re-placement, to the last digit."""
+    run = train(4, *FOLDING, "--folding-replace-interval", "3", "--folding-replace-max-moved",
+                "1", "--folding-replace-apply-after", "1", *EXIT_AT)
+    attempts = [line for line in run["plugin"] if "re-placement at step" in line]
+    assert len(attempts) == 2 and not _applied(run), run["plugin"]
+    for line in attempts:
+        assert "skipped (predicted saving does not cover the bytes moved)" in line, line
+        assert " 0 slots" not in line  # a candidate was found and weighed
+    difference = largest_relative_difference(losses(eight_iterations), losses(run), range(1, 9))
+    assert difference == 0.0, f"lm loss differs by {difference:.2e} (relative)"
 
 
 def _flags(*flags):

@@ -17,7 +17,7 @@ import torch
 from folding.layout import checkpoint
 from folding.placement.live import (MoveCosts, RoutingStatistics, align_to_previous, changed_slots,
                                     cut_to_budget, decide, fresh_solve, move_cycles,
-                                    rows_per_step, transfer_plan)
+                                    replay, rows_per_step, transfer_plan)
 from folding.placement.metrics import evaluate
 from folding.placement.placement import Placement
 from folding.placement.synth import SynthSpec, synthesize
@@ -205,6 +205,31 @@ def test_skipped_when_the_saving_does_not_cover_the_move(trace):
 def test_budget_of_zero_moves_nothing(trace):
     placement, attempt = decide(Placement.identity(32, 4, 8, 4), stats_of(trace), 10, 10, 0.0, COSTS)
     assert placement is None and attempt.slots_moved == 0 and attempt.reason == "move budget is 0"
+
+
+def test_replay_takes_the_decisions_of_the_loop_on_recorded_steps(trace):
+    """Replayed on 16 recorded steps: the attempt at step 4 is the one ``decide`` takes on
+    those 4 steps, switched in after step 4 + delay, and every step is predicted under the
+    placement in force then."""
+    steps = [stats_of(trace.tokens(slice(i * 256, (i + 1) * 256))) for i in range(16)]
+    start, cheap = Placement.identity(32, 4, 8, 4), MoveCosts(expert_bytes=1000, row_bytes=512)
+    series, attempts = replay(steps, start, 4, 0.5, cheap, delay=2, node_dedup=True,
+                              time_limit=None)
+    first = RoutingStatistics.empty(32, 4, 2)
+    for window in steps[:4]:
+        first = first.from_flat(first.flat() + window.flat(), first.steps + 1)
+    expected, attempt = decide(start, first, 4, 4, 0.5, cheap, None, node_dedup=True)
+    assert attempts[0].to_json() | {"solve_s": 0} == attempt.to_json() | {"solve_s": 0,
+                                                                          "applied_at": 6}
+    assert [a.step for a in attempts] == [4, 8, 12, 16]
+    assert not attempts[-1].applied and attempts[-1].applied_at is None  # the run ended first
+    contiguous = [rows_per_step(start, w, node_dedup=True)["cross_node"] for w in steps]
+    assert series[:6] == contiguous[:6]
+    assert series[6] == rows_per_step(expected, steps[6], node_dedup=True)["cross_node"]
+    assert sum(series[6:]) < 0.95 * sum(contiguous[6:])
+    # Nothing may move: the series stays the contiguous layout's.
+    series, attempts = replay(steps, start, 4, 0.0, cheap, node_dedup=True)
+    assert series == contiguous and {a.reason for a in attempts} == {"move budget is 0"}
 
 
 # ------------------------------------------------------------------------------ flags

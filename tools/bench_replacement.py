@@ -13,10 +13,15 @@ layers), averaged over the last ``--window`` steps. Also, on the recorded trace,
 offline placement is predicted to send across nodes against the contiguous layout, under the
 dispatcher's node-level deduplication (a token's rows go once to each remote node hosting one
 of its experts; ``live.rows_per_step``) and as D_gpu (per-rank deduplication): the routing's
-own limit for a placement fitted once on the whole run. Prints a table, then one JSON line;
-with ``--plot`` also draws cross-node bytes per step of the three runs, switches marked.
+own limit for a placement fitted once on the whole run.
 
-    python tools/bench_replacement.py            # 200 steps, 4 to 6 minutes per run on 2 cores
+The trace holds every token of the run, so the re-placement run can also be replayed on it
+(``live.replay``: the same decisions, step by step, on the recorded routing) at other intervals
+around ``--interval``: one attempt's outcome moves with small changes of its statistics, and the
+replays show how much. Prints a table, then one JSON line; with ``--plot`` also draws
+cross-node bytes per step of the three runs, switches marked.
+
+    python tools/bench_replacement.py            # 200 steps, about 3 minutes per run on 2 cores
 """
 
 from __future__ import annotations
@@ -69,6 +74,55 @@ def plot(path: Path, runs: dict, switches: list, title: str) -> None:
     figure.savefig(path, dpi=110)
 
 
+def per_step_statistics(trace, steps: int, streams: int) -> list:
+    """One ``RoutingStatistics`` per step of a trace holding every token of the run: the
+    recorder writes each token stream (a DP x TP x CP position) whole, in step order."""
+    import numpy as np
+
+    from folding.placement.live import RoutingStatistics
+
+    per = trace.num_tokens // (steps * streams)
+    if per * steps * streams != trace.num_tokens:
+        sys.exit(f"the trace holds {trace.num_tokens} tokens, not {streams} streams x {steps} "
+                 "steps of whole micro-batches")
+    step_of = (np.arange(trace.num_tokens) % (steps * per)) // per
+    return [RoutingStatistics.of_trace(trace.tokens(np.flatnonzero(step_of == s)))
+            for s in range(steps)]
+
+
+def replayed(args, recipe, trace, live: dict, offline, identity) -> list:
+    """The live run's decisions replayed on its own trace, at several intervals."""
+    from folding.placement.live import MoveCosts, replay, rows_per_step
+
+    moved = [a for a in live["replacements"] if a["slots_moved"]]
+    if not moved:
+        return []
+    spec = recipe.folding
+    steps = per_step_statistics(trace, args.steps, spec.world_size // spec.pp)
+    # What the run itself charged per slot (every EP group's copy) and per row.
+    costs = MoveCosts(expert_bytes=moved[0]["bytes_moved"] // moved[0]["slots_moved"],
+                      row_bytes=recipe.model.hidden_size * 4)
+    last = slice(args.steps - args.window, args.steps)
+
+    def tail(placement):
+        return sum(rows_per_step(placement, s, node_dedup=True)["cross_node"]
+                   for s in steps[last]) / args.window
+
+    base, best = tail(identity), tail(offline)
+    intervals = args.replays if args.replays is not None else [
+        i for i in range(args.interval - 10, args.interval + 11, 5) if i > 0]
+    delays = [a["applied_at"] - a["step"] for a in live["replacements"] if a["applied"]]
+    delay = max(delays) if delays else 1
+    rows = []
+    for interval in intervals:
+        series, attempts = replay(steps, identity, interval, args.max_moved, costs, delay,
+                                  node_dedup=True)
+        value = sum(series[last]) / args.window
+        rows.append({"interval": interval, "applied": sum(a.applied for a in attempts),
+                     "vs_offline": float(value / best), "vs_contiguous": float(value / base)})
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="tiny-moe-32e")
@@ -76,7 +130,9 @@ def main() -> int:
     parser.add_argument("--window", type=int, default=20)
     parser.add_argument("--interval", type=int, default=40)
     parser.add_argument("--max-moved", type=float, default=0.5)
-    parser.add_argument("--trace-tokens", type=int, default=1 << 16)
+    parser.add_argument("--replays", type=int, nargs="*", default=None, metavar="INTERVAL",
+                        help="intervals to replay the decisions at on the recorded trace "
+                             "(default: --interval and 10 and 5 steps either side)")
     parser.add_argument("--plot", type=Path, default=None,
                         help="write cross-node bytes per step of the three runs (png)")
     args = parser.parse_args()
@@ -90,12 +146,13 @@ def main() -> int:
 
     recipe = load_recipe(args.recipe)
     spec = recipe.folding
+    tokens_per_step = recipe.training.global_batch_size * recipe.training.seq_length
     with tempfile.TemporaryDirectory() as tmp:
         trace_path, offline_path = Path(tmp) / "trace.npz", Path(tmp) / "offline.json"
         common = ["--recipe", args.recipe, "--steps", str(args.steps)]
         live = train(*common, "--replace-interval", str(args.interval), "--replace-max-moved",
                      str(args.max_moved), "--trace-out", str(trace_path),
-                     "--trace-tokens", str(args.trace_tokens))
+                     "--trace-tokens", str(tokens_per_step * args.steps))
         trace = load_trace(trace_path)
         offline = solve(trace, spec.ep, spec.gpus_per_node, "training").placement
         offline.save(offline_path)
@@ -107,6 +164,7 @@ def main() -> int:
     stats = RoutingStatistics.of_trace(trace)
     node_offline = rows_per_step(offline, stats, node_dedup=True)["cross_node"]
     node_identity = rows_per_step(identity, stats, node_dedup=True)["cross_node"]
+    replays = replayed(args, recipe, trace, live, offline, identity)
     runs = {"re-placement": live, "offline": fixed, "contiguous": contiguous}
     rows = {name: cross_node_per_step(run, args.window) for name, run in runs.items()}
     base = rows["contiguous"]
@@ -123,6 +181,16 @@ def main() -> int:
     print(f"on the recorded trace ({trace.num_tokens} tokens), offline / contiguous: predicted "
           f"cross-node rows under node deduplication {node_offline / node_identity:.3f}, "
           f"D_gpu {d_offline:.4f} / {d_identity:.4f} = {d_offline / d_identity:.3f}")
+    if replays:
+        print(f"replayed on the recorded trace (predicted cross-node rows over the last "
+              f"{args.window} steps, node-level deduplication):")
+        print(f"{'interval':>8} {'applied':>8} {'x offline':>10} {'x contiguous':>13}")
+        for row in replays:
+            print(f"{row['interval']:>8} {row['applied']:>8} {row['vs_offline']:>10.3f} "
+                  f"{row['vs_contiguous']:>13.3f}")
+        ratios = sorted(row["vs_offline"] for row in replays)
+        print(f"x offline over {len(ratios)} intervals: median {ratios[len(ratios) // 2]:.3f}, "
+              f"range {ratios[0]:.3f}-{ratios[-1]:.3f}")
     if args.plot is not None:
         switches = [a["applied_at"] for a in attempts if a["applied"]]
         plot(args.plot, {name: cross_node_series(run) for name, run in runs.items()}, switches,
@@ -137,7 +205,7 @@ def main() -> int:
                       "offline_vs_contiguous": rows["offline"] / base,
                       "trace_node_dedup_offline_vs_contiguous": node_offline / node_identity,
                       "trace_d_gpu": {"offline": d_offline, "contiguous": d_identity},
-                      "attempts": len(attempts), "applied": applied,
+                      "attempts": len(attempts), "applied": applied, "replays": replays,
                       "replacements": attempts}))
     return 0
 

@@ -458,3 +458,33 @@ def decide(current: Placement, stats: RoutingStatistics, step: int, interval: in
     return new, Attempt(step, slots, moved, saving, node_saving, True, reason,
                         time.perf_counter() - started, None, before["cross_node"],
                         after["cross_node"], name)
+
+
+# ---------------------------------------------------------------------------- replayed
+def replay(windows: Sequence[RoutingStatistics], start: Placement, interval: int,
+           max_moved: float, costs: MoveCosts, delay: int = 3, node_dedup: bool = False,
+           time_limit: Optional[float] = 10.0) -> Tuple[List[float], List[Attempt]]:
+    """The decisions ``Replacer`` would take on recorded routing, one ``RoutingStatistics`` per
+    step (``windows``): every ``interval`` steps ``decide`` on the steps since the last attempt,
+    the result switched in ``delay`` steps later. The folded dispatcher's outputs do not depend
+    on the placement, so recorded routing is what the run would have routed whatever it
+    placed. Returns the predicted cross-node rows of every step and the attempts."""
+    placement, pending, series, attempts = start, None, [], []
+    window = RoutingStatistics.empty(start.num_experts, start.num_layers, windows[0].top_k)
+    for index, stats in enumerate(windows):
+        step = index + 1
+        if pending is not None and step - 1 >= pending[0]:  # switched after step pending[0]
+            placement, pending = pending[1], None
+            attempts[-1].applied_at = step - 1
+        series.append(rows_per_step(placement, stats, node_dedup)["cross_node"])
+        window = window.from_flat(window.flat() + stats.flat(), window.steps + stats.steps)
+        if pending is None and step % interval == 0:
+            new, attempt = decide(placement, window, step, interval, max_moved, costs, time_limit,
+                                  node_dedup=node_dedup)
+            attempts.append(attempt)
+            window = RoutingStatistics.empty(start.num_experts, start.num_layers, stats.top_k)
+            if new is not None:
+                pending = (step + delay, new)
+    if pending is not None:
+        attempts[-1].applied, attempts[-1].reason = False, "training ended before the switch"
+    return series, attempts
