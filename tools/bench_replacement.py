@@ -16,8 +16,8 @@ of its experts; ``live.rows_per_step``) and as D_gpu (per-rank deduplication): t
 own limit for a placement fitted once on the whole run.
 
 The trace holds every token of the run, so the re-placement run can also be replayed on it
-(``live.replay``: the same decisions, step by step, on the recorded routing) at other intervals
-around ``--interval``: one attempt's outcome moves with small changes of its statistics, and the
+(``live.replay``: the same decisions, step by step, on the recorded routing) at --interval
+and ten intervals around it: one attempt's outcome moves with small changes of its statistics, and the
 replays show how much. Prints a table, then one JSON line; with ``--plot`` also draws
 cross-node bytes per step of the three runs, switches marked.
 
@@ -109,8 +109,8 @@ def replayed(args, recipe, trace, live: dict, offline, identity) -> list:
                    for s in steps[last]) / args.window
 
     base, best = tail(identity), tail(offline)
-    intervals = args.replays if args.replays is not None else [
-        i for i in range(args.interval - 10, args.interval + 11, 5) if i > 0]
+    intervals = args.replays if args.replays is not None else sorted(
+        {i for i in range(args.interval - 14, args.interval + 14, 3) if i > 0} | {args.interval})
     delays = [a["applied_at"] - a["step"] for a in live["replacements"] if a["applied"]]
     delay = max(delays) if delays else 1
     rows = []
@@ -132,7 +132,7 @@ def main() -> int:
     parser.add_argument("--max-moved", type=float, default=0.5)
     parser.add_argument("--replays", type=int, nargs="*", default=None, metavar="INTERVAL",
                         help="intervals to replay the decisions at on the recorded trace "
-                             "(default: --interval and 10 and 5 steps either side)")
+                             "(default: --interval and ten, 3 steps apart, from --interval - 14)")
     parser.add_argument("--plot", type=Path, default=None,
                         help="write cross-node bytes per step of the three runs (png)")
     args = parser.parse_args()
