@@ -242,6 +242,7 @@ class MegatronTrainer:
         import torch.distributed as dist
 
         from folding.placement.live import transfer_plan
+        from folding.run.replacement import exchange_slots
 
         opt, distributed = self._expert_optimizer()
         if opt is None:
@@ -254,7 +255,7 @@ class MegatronTrainer:
         dp_size = dist.get_world_size(dp_group) if distributed else 1
         first = not distributed or dist.get_rank(dp_group) == 0
         group = self.layers[0].ep_group
-        me, size = dist.get_rank(group), dist.get_world_size(group)
+        me = dist.get_rank(group)
         S = self.layers[0].slots_per_rank
         # Sources on this rank (each made whole once), and the transfers of every layer.
         plans = []
@@ -273,33 +274,13 @@ class MegatronTrainer:
                 joined = torch.cat(wholes)
                 dist.all_reduce(joined, group=dp_group)
                 wholes = list(joined.split([w.numel() for w in wholes]))
-            sends: List[List[torch.Tensor]] = [[] for _ in range(size)]
-            receives: List[List[Tuple[int, int]]] = [[] for _ in range(size)]
-            local: List[Tuple[Tuple[int, int], torch.Tensor]] = []
-            for index, plan in enumerate(plans):
-                for src, dst in plan:
-                    if src // S == me:
-                        flat = wholes[sources[(index, src % S)]]
-                        if dst // S == me:
-                            local.append(((index, dst % S), flat))
-                        else:
-                            sends[dst // S].append(flat)
-                    elif dst // S == me:
-                        receives[src // S].append((index, dst % S))
-            width = self._whole_width()
-            send = torch.cat([f for per_rank in sends for f in per_rank]) if any(sends) else \
-                torch.empty(0, dtype=torch.float32, device=self.device)
-            received = torch.empty(sum(len(r) for r in receives) * width, dtype=torch.float32,
-                                   device=self.device)
-            if size > 1:
-                dist.all_to_all_single(received, send, [len(r) * width for r in receives],
-                                       [len(s) * width for s in sends], group=group)
-            arrived = list(zip([where for per_rank in receives for where in per_rank],
-                               received.split(width) if received.numel() else []))
-            for (index, slot), flat in local + arrived:
+            arrivals = exchange_slots(plans, group, S,
+                                      lambda index, slot: wholes[sources[(index, slot)]],
+                                      self._whole_width(), torch.float32, self.device)
+            for (index, slot), flat in arrivals:
                 self._write(self.layers[index], slot, flat, opt, distributed)
         self.set_placement(placement)
-        return len(local) + len(arrived)
+        return len(arrivals)
 
     def _whole_width(self) -> int:
         params = list(self.layers[0].experts.local_experts[0].parameters())

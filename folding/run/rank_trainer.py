@@ -285,10 +285,9 @@ class RankTrainer:
         the same rank); the layers then dispatch by the new placement. Unlike
         ``with_placement`` nothing else is rebuilt or gathered. Returns the slots this rank
         received."""
-        import torch.distributed as dist
-
         from folding.dispatcher.moe_layer import folded_moe_layers
         from folding.placement.live import transfer_plan
+        from folding.run.replacement import exchange_slots
 
         layers = folded_moe_layers(self.chunks)
         if not layers:
@@ -305,46 +304,25 @@ class RankTrainer:
                     out += [state[id(p)]["exp_avg"], state[id(p)]["exp_avg_sq"]]
             return out
 
-        group = layers[0].ep_group
-        me, size = dist.get_rank(group), dist.get_world_size(group)
         S = layers[0].slots_per_rank
-        sends: List[List[torch.Tensor]] = [[] for _ in range(size)]
-        receives: List[List[Tuple[int, int]]] = [[] for _ in range(size)]
-        local: List[Tuple[int, torch.Tensor]] = []
-        for index, layer in enumerate(layers):
-            ordinal = layer.moe_ordinal[layer.layer_number]
-            for src, dst in transfer_plan(self.placement.layers[ordinal],
-                                          placement.layers[ordinal], S):
-                if src // S == me:
-                    # Copied out before anything is written: a slot may be a source and a
-                    # destination of the same switch.
-                    flat = torch.cat([t.reshape(-1) for t in pieces(layer, src % S)])
-                    if dst // S == me:
-                        local.append(((index, dst % S), flat.clone()))
-                    else:
-                        sends[dst // S].append(flat)
-                elif dst // S == me:
-                    receives[src // S].append((index, dst % S))
-        width = sum(t.numel() for t in pieces(layers[0], 0))
-        dtype = layers[0].experts.local_experts[0].parameters().__next__().dtype
-        send = torch.cat([f for per_rank in sends for f in per_rank]) if any(sends) else \
-            torch.empty(0, dtype=dtype, device=self.device)
-        received = torch.empty(sum(len(r) for r in receives) * width, dtype=dtype,
-                               device=self.device)
-        if size > 1:
-            dist.all_to_all_single(received, send, [len(r) * width for r in receives],
-                                   [len(s) * width for s in sends], group=group)
-        arrived = list(zip([where for per_rank in receives for where in per_rank],
-                           received.split(width) if received.numel() else []))
+        plans = [transfer_plan(self.placement.layers[layer.moe_ordinal[layer.layer_number]],
+                               placement.layers[layer.moe_ordinal[layer.layer_number]], S)
+                 for layer in layers]
+        # torch.cat copies: every source is read out before anything is written.
+        arrivals = exchange_slots(
+            plans, layers[0].ep_group, S,
+            lambda index, slot: torch.cat([t.reshape(-1) for t in pieces(layers[index], slot)]),
+            sum(t.numel() for t in pieces(layers[0], 0)),
+            next(layers[0].experts.local_experts[0].parameters()).dtype, self.device)
         with torch.no_grad():
-            for (index, slot), flat in local + arrived:
+            for (index, slot), flat in arrivals:
                 targets = pieces(layers[index], slot)
                 for target, value in zip(targets, flat.split([t.numel() for t in targets])):
                     target.copy_(value.view_as(target))
         for layer in layers:
             layer.set_placement(placement)
         self.placement = placement
-        return len(local) + len(arrived)
+        return len(arrivals)
 
     def close(self) -> None:
         """Let go of the model, Megatron's DDP and optimizer, and the process groups they hold.

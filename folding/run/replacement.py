@@ -104,6 +104,42 @@ class LiveStatistics:
         return stats
 
 
+def exchange_slots(plans, group, slots_per_rank: int, source, width: int, dtype, device) -> list:
+    """Expert slots moved over one all-to-all of the EP ``group``, in both training loops.
+
+    ``plans``: per layer, the (source slot, destination slot) pairs of a switch
+    (``live.transfer_plan``); ``source(layer, local slot)``: the flattened state of a slot of
+    this rank, in new memory (a slot may be a source and a destination of one switch, so
+    nothing may alias what will be written); ``width``: the elements of one flattened slot.
+    Returns ((layer, local slot), flattened state) for every slot of this rank that receives an
+    expert: copies from its own slots first, then what arrived, for the caller to write."""
+    import torch.distributed as dist
+
+    me, size = dist.get_rank(group), dist.get_world_size(group)
+    S = slots_per_rank
+    sends: List[List[torch.Tensor]] = [[] for _ in range(size)]
+    receives: List[List[tuple]] = [[] for _ in range(size)]
+    local: list = []
+    for index, plan in enumerate(plans):
+        for src, dst in plan:
+            if src // S == me:
+                flat = source(index, src % S)
+                if dst // S == me:
+                    local.append(((index, dst % S), flat))
+                else:
+                    sends[dst // S].append(flat)
+            elif dst // S == me:
+                receives[src // S].append((index, dst % S))
+    send = torch.cat([f for per_rank in sends for f in per_rank]) if any(sends) else \
+        torch.empty(0, dtype=dtype, device=device)
+    received = torch.empty(sum(len(r) for r in receives) * width, dtype=dtype, device=device)
+    if size > 1:
+        dist.all_to_all_single(received, send, [len(r) * width for r in receives],
+                               [len(s) * width for s in sends], group=group)
+    return local + list(zip([where for per_rank in receives for where in per_rank],
+                            received.split(width) if received.numel() else []))
+
+
 def move_costs(trainer) -> MoveCosts:
     """Bytes of one expert in full and of one dispatched row, from the model as built."""
     from folding.dispatcher.moe_layer import folded_moe_layers
