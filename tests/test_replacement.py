@@ -164,6 +164,9 @@ def test_statistics_round_trip_and_solve_like_the_trace(trace):
     stats = stats_of(trace, steps=3)
     again = RoutingStatistics.from_json(json.loads(json.dumps(stats.to_json())))
     assert np.array_equal(again.flat(), stats.flat()) and again.steps == 3
+    halves = stats_of(trace.tokens(slice(0, 2048))).added(stats_of(trace.tokens(slice(2048, None))))
+    assert np.array_equal(halves.counts, trace.expert_counts()) and halves.steps == 2
+    assert np.array_equal(halves.pairs[1], trace.coactivation(1))
     current = Placement.identity(32, 4, 8, 4)
     on_stats = solve(stats, 8, 4, previous=current, max_moved=0.1, workers=1).placement
     on_trace = solve(trace, 8, 4, previous=current, max_moved=0.1, workers=1).placement
@@ -215,9 +218,7 @@ def test_replay_takes_the_decisions_of_the_loop_on_recorded_steps(trace):
     start, cheap = Placement.identity(32, 4, 8, 4), MoveCosts(expert_bytes=1000, row_bytes=512)
     series, attempts = replay(steps, start, 4, 0.5, cheap, delay=2, node_dedup=True,
                               time_limit=None)
-    first = RoutingStatistics.empty(32, 4, 2)
-    for window in steps[:4]:
-        first = first.from_flat(first.flat() + window.flat(), first.steps + 1)
+    first = steps[0].added(steps[1]).added(steps[2]).added(steps[3])
     expected, attempt = decide(start, first, 4, 4, 0.5, cheap, None, node_dedup=True)
     assert attempts[0].to_json() | {"solve_s": 0} == attempt.to_json() | {"solve_s": 0,
                                                                           "applied_at": 6}

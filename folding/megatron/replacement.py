@@ -241,8 +241,7 @@ class MegatronTrainer:
         slots this rank received."""
         import torch.distributed as dist
 
-        from folding.placement.live import transfer_plan
-        from folding.run.replacement import exchange_slots
+        from folding.run.replacement import exchange_slots, transfer_plans
 
         opt, distributed = self._expert_optimizer()
         if opt is None:
@@ -258,12 +257,9 @@ class MegatronTrainer:
         me = dist.get_rank(group)
         S = self.layers[0].slots_per_rank
         # Sources on this rank (each made whole once), and the transfers of every layer.
-        plans = []
+        plans = transfer_plans(self.layers, self.placement, placement)
         sources: Dict[Tuple[int, int], int] = {}
-        for index, layer in enumerate(self.layers):
-            ordinal = layer.moe_ordinal[layer.layer_number]
-            plan = transfer_plan(self.placement.layers[ordinal], placement.layers[ordinal], S)
-            plans.append(plan)
+        for index, plan in enumerate(plans):
             for src, _ in plan:
                 if src // S == me and (index, src % S) not in sources:
                     sources[(index, src % S)] = len(sources)

@@ -111,6 +111,10 @@ class RoutingStatistics:
                                  pairs.reshape(self.pairs.shape),
                                  transitions.reshape(self.transitions.shape), steps)
 
+    def added(self, other: "RoutingStatistics") -> "RoutingStatistics":
+        """The sum of two windows of the same model."""
+        return self.from_flat(self.flat() + other.flat(), self.steps + other.steps)
+
     def to_json(self) -> dict:
         return {"num_experts": self.num_experts, "top_k": self.top_k, "steps": self.steps,
                 "num_layers": self.num_layers, "values": self.flat().tolist()}
@@ -477,7 +481,7 @@ def replay(windows: Sequence[RoutingStatistics], start: Placement, interval: int
             placement, pending = pending[1], None
             attempts[-1].applied_at = step - 1
         series.append(rows_per_step(placement, stats, node_dedup)["cross_node"])
-        window = window.from_flat(window.flat() + stats.flat(), window.steps + stats.steps)
+        window = window.added(stats)
         if pending is None and step % interval == 0:
             new, attempt = decide(placement, window, step, interval, max_moved, costs, time_limit,
                                   node_dedup=node_dedup)

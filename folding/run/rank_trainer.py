@@ -286,8 +286,7 @@ class RankTrainer:
         ``with_placement`` nothing else is rebuilt or gathered. Returns the slots this rank
         received."""
         from folding.dispatcher.moe_layer import folded_moe_layers
-        from folding.placement.live import transfer_plan
-        from folding.run.replacement import exchange_slots
+        from folding.run.replacement import exchange_slots, transfer_plans
 
         layers = folded_moe_layers(self.chunks)
         if not layers:
@@ -304,13 +303,10 @@ class RankTrainer:
                     out += [state[id(p)]["exp_avg"], state[id(p)]["exp_avg_sq"]]
             return out
 
-        S = layers[0].slots_per_rank
-        plans = [transfer_plan(self.placement.layers[layer.moe_ordinal[layer.layer_number]],
-                               placement.layers[layer.moe_ordinal[layer.layer_number]], S)
-                 for layer in layers]
         # torch.cat copies: every source is read out before anything is written.
         arrivals = exchange_slots(
-            plans, layers[0].ep_group, S,
+            transfer_plans(layers, self.placement, placement), layers[0].ep_group,
+            layers[0].slots_per_rank,
             lambda index, slot: torch.cat([t.reshape(-1) for t in pieces(layers[index], slot)]),
             sum(t.numel() for t in pieces(layers[0], 0)),
             next(layers[0].experts.local_experts[0].parameters()).dtype, self.device)

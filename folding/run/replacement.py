@@ -93,8 +93,7 @@ class LiveStatistics:
 
         flat = torch.cat([self.counts.reshape(-1), self.pairs.reshape(-1), self.transitions])
         dist.all_reduce(flat)
-        stats = self.carried.from_flat(flat.cpu().numpy() + self.carried.flat(),
-                                       self.steps + self.carried.steps)
+        stats = self.carried.from_flat(flat.cpu().numpy(), self.steps).added(self.carried)
         for layer in range(stats.num_layers):
             np.fill_diagonal(stats.pairs[layer], 0.0)  # an expert is not its own pair
         if reset:
@@ -104,11 +103,23 @@ class LiveStatistics:
         return stats
 
 
+def transfer_plans(layers, old, new) -> list:
+    """``live.transfer_plan`` of each folded MoE layer of this rank, from placement ``old`` to
+    ``new``."""
+    from folding.placement.live import transfer_plan
+
+    out = []
+    for layer in layers:
+        ordinal = layer.moe_ordinal[layer.layer_number]
+        out.append(transfer_plan(old.layers[ordinal], new.layers[ordinal], layer.slots_per_rank))
+    return out
+
+
 def exchange_slots(plans, group, slots_per_rank: int, source, width: int, dtype, device) -> list:
     """Expert slots moved over one all-to-all of the EP ``group``, in both training loops.
 
     ``plans``: per layer, the (source slot, destination slot) pairs of a switch
-    (``live.transfer_plan``); ``source(layer, local slot)``: the flattened state of a slot of
+    (``transfer_plans``); ``source(layer, local slot)``: the flattened state of a slot of
     this rank, in new memory (a slot may be a source and a destination of one switch, so
     nothing may alias what will be written); ``width``: the elements of one flattened slot.
     Returns ((layer, local slot), flattened state) for every slot of this rank that receives an
