@@ -17,7 +17,7 @@ import torch
 from folding.layout import checkpoint
 from folding.placement.live import (MoveCosts, RoutingStatistics, align_to_previous, changed_slots,
                                     cut_to_budget, decide, fresh_solve, move_cycles,
-                                    replay, rows_per_step, transfer_plan)
+                                    relabelled_to, replay, rows_per_step, transfer_plan)
 from folding.placement.metrics import evaluate
 from folding.placement.placement import Placement
 from folding.placement.synth import SynthSpec, synthesize
@@ -118,6 +118,25 @@ def test_cut_moves_within_budget_towards_the_target(trace):
             <= rows_per_step(fresh, stats, True)["cross_node"] * 1.001)
 
 
+def test_a_relabelled_target_costs_the_same_and_moves_least(trace):
+    """Relabelling whole nodes and ranks inside a node changes no predicted row, and keeps at
+    least as many experts in place as the target as solved; a target that is the current
+    placement with its nodes swapped moves nothing once relabelled."""
+    from folding.placement.solver import solve
+
+    stats = stats_of(trace)
+    current = Placement.identity(32, 4, 8, 4)
+    fresh = solve(stats, 8, 4, workers=1).placement
+    relabelled = relabelled_to(current, fresh).validate(num_experts=32, num_layers=4, ep_size=8)
+    for level in ("cross_rank", "cross_node"):
+        assert rows_per_step(relabelled, stats, True)[level] == pytest.approx(
+            rows_per_step(fresh, stats, True)[level], rel=1e-12)
+    assert changed_slots(current, relabelled) <= changed_slots(current, align_to_previous(fresh, current))
+    swapped = Placement(32, 4, 8, 4, 4, np.roll(current.layers, 16, axis=1))
+    assert changed_slots(current, swapped) == 128
+    assert changed_slots(current, relabelled_to(current, swapped)) == 0
+
+
 def test_fresh_solves_of_other_seeds_map_back_to_the_real_experts(trace):
     """A seeded fresh solve places relabelled experts; mapped back, it sends on the real
     statistics exactly what the solver's placement sends on the relabelled ones."""
@@ -216,8 +235,8 @@ def test_replay_takes_the_decisions_of_the_loop_on_recorded_steps(trace):
     placement in force then."""
     steps = [stats_of(trace.tokens(slice(i * 256, (i + 1) * 256))) for i in range(16)]
     start, cheap = Placement.identity(32, 4, 8, 4), MoveCosts(expert_bytes=1000, row_bytes=512)
-    series, attempts = replay(steps, start, 4, 0.5, cheap, delay=2, node_dedup=True,
-                              time_limit=None)
+    series, attempts, placed = replay(steps, start, 4, 0.5, cheap, delay=2, node_dedup=True,
+                                      time_limit=None)
     first = steps[0].added(steps[1]).added(steps[2]).added(steps[3])
     expected, attempt = decide(start, first, 4, 4, 0.5, cheap, None, node_dedup=True)
     assert attempts[0].to_json() | {"solve_s": 0} == attempt.to_json() | {"solve_s": 0,
@@ -227,9 +246,10 @@ def test_replay_takes_the_decisions_of_the_loop_on_recorded_steps(trace):
     contiguous = [rows_per_step(start, w, node_dedup=True)["cross_node"] for w in steps]
     assert series[:6] == contiguous[:6]
     assert series[6] == rows_per_step(expected, steps[6], node_dedup=True)["cross_node"]
+    assert placed[5] is start and np.array_equal(placed[6].layers, expected.layers)
     assert sum(series[6:]) < 0.95 * sum(contiguous[6:])
     # Nothing may move: the series stays the contiguous layout's.
-    series, attempts = replay(steps, start, 4, 0.0, cheap, node_dedup=True)
+    series, attempts, _ = replay(steps, start, 4, 0.0, cheap, node_dedup=True)
     assert series == contiguous and {a.reason for a in attempts} == {"move budget is 0"}
 
 

@@ -18,7 +18,11 @@ own limit for a placement fitted once on the whole run.
 The trace holds every token of the run, so the re-placement run can also be replayed on it
 (``live.replay``: the same decisions, step by step, on the recorded routing) at --interval
 and ten intervals around it: one attempt's outcome moves with small changes of its statistics, and the
-replays show how much. Prints a table, then one JSON line; with ``--plot`` also draws
+replays show how much. Last, fresh solves on the steps before the last switch that lands
+before the window (``past_fits``) show what any placement fitted on the past alone reaches
+there, moves free: the router drifts, so this is the causal limit that re-placement is judged
+against, where the offline placement has also seen the window. Prints a table, then one JSON
+line; with ``--plot`` also draws
 cross-node bytes per step of the three runs, switches marked.
 
     python tools/bench_replacement.py            # 200 steps, about 3 minutes per run on 2 cores
@@ -90,13 +94,14 @@ def per_step_statistics(trace, steps: int, streams: int) -> list:
             for s in range(steps)]
 
 
-def replayed(args, recipe, trace, live: dict, offline, identity) -> list:
-    """The live run's decisions replayed on its own trace, at several intervals."""
+def replayed(args, recipe, trace, live: dict, offline, identity) -> tuple:
+    """The live run's decisions replayed on its own trace, at several intervals, and the
+    placements fitted on the past (``past_fits``), both against the offline placement."""
     from folding.placement.live import MoveCosts, replay, rows_per_step
 
     moved = [a for a in live["replacements"] if a["slots_moved"]]
     if not moved:
-        return []
+        return [], []
     spec = recipe.folding
     steps = per_step_statistics(trace, args.steps, spec.world_size // spec.pp)
     # What the run itself charged per slot (every EP group's copy) and per row.
@@ -113,13 +118,52 @@ def replayed(args, recipe, trace, live: dict, offline, identity) -> list:
         {i for i in range(args.interval - 14, args.interval + 14, 3) if i > 0} | {args.interval})
     delays = [a["applied_at"] - a["step"] for a in live["replacements"] if a["applied"]]
     delay = max(delays) if delays else 1
-    rows = []
+    rows, in_force = [], None
     for interval in intervals:
-        series, attempts = replay(steps, identity, interval, args.max_moved, costs, delay,
-                                  node_dedup=True)
+        series, attempts, placed = replay(steps, identity, interval, args.max_moved, costs, delay,
+                                          node_dedup=True)
+        if interval == args.interval:
+            in_force = placed
         value = sum(series[last]) / args.window
         rows.append({"interval": interval, "applied": sum(a.applied for a in attempts),
                      "vs_offline": float(value / best), "vs_contiguous": float(value / base)})
+    if in_force is None:
+        _, _, in_force = replay(steps, identity, args.interval, args.max_moved, costs, delay,
+                                node_dedup=True)
+    fits = [{"steps": f"{f['first']}-{f['last']}", "vs_offline": float(f["predicted"] / best),
+             "vs_contiguous": float(f["predicted"] / base), "slots": f["slots"],
+             "payback_steps": float(f["payback_steps"])}
+            for f in past_fits(args, steps, identity, tail, delay, in_force, costs)]
+    return rows, fits
+
+
+def past_fits(args, steps: list, identity, tail, delay: int, placed: list, costs) -> list:
+    """What a placement fitted on the past alone reaches over the last window, moves free: a
+    fresh training solve (best of three seeds, ``live.fresh_solve``) on steps a..t, t the last
+    attempt whose switch lands before the window, a going back one interval at a time. No
+    policy that moves experts on what it has seen can beat the best of these by much; the
+    offline placement has also seen the window itself. Also what switching to it would have
+    cost from the replayed placement in force then (``placed``, one per step): slots, and the
+    steps its saving over the window takes to pay the bytes back, against the interval that
+    the verdict allows."""
+    from folding.placement.live import (PASSES_PER_STEP, RoutingStatistics, changed_slots,
+                                        fresh_solve, relabelled_to)
+
+    last = (args.steps - args.window - delay) // args.interval * args.interval
+    current = placed[last + delay]
+    rows = []
+    for first in range(last - args.interval + 1, 0, -args.interval):
+        window = RoutingStatistics.empty(identity.num_experts, identity.num_layers,
+                                         steps[0].top_k)
+        for stats in steps[first - 1:last]:
+            window = window.added(stats)
+        found = min((fresh_solve(window, identity, seed) for seed in range(3)), key=tail)
+        target = relabelled_to(current, found)
+        slots = changed_slots(current, target)
+        saving = (tail(current) - tail(target)) * PASSES_PER_STEP * costs.row_bytes
+        rows.append({"first": first, "last": last, "predicted": tail(found), "slots": slots,
+                     "payback_steps": slots * costs.expert_bytes * costs.copies / saving
+                     if saving > 0 else float("inf")})
     return rows
 
 
@@ -164,7 +208,7 @@ def main() -> int:
     stats = RoutingStatistics.of_trace(trace)
     node_offline = rows_per_step(offline, stats, node_dedup=True)["cross_node"]
     node_identity = rows_per_step(identity, stats, node_dedup=True)["cross_node"]
-    replays = replayed(args, recipe, trace, live, offline, identity)
+    replays, fits = replayed(args, recipe, trace, live, offline, identity)
     runs = {"re-placement": live, "offline": fixed, "contiguous": contiguous}
     rows = {name: cross_node_per_step(run, args.window) for name, run in runs.items()}
     base = rows["contiguous"]
@@ -191,6 +235,15 @@ def main() -> int:
         ratios = sorted(row["vs_offline"] for row in replays)
         print(f"x offline over {len(ratios)} intervals: median {ratios[len(ratios) // 2]:.3f}, "
               f"range {ratios[0]:.3f}-{ratios[-1]:.3f}")
+    if fits:
+        print("fitted on the past alone, moves free (fresh solve, best of 3 seeds; predicted "
+              f"cross-node rows over the last {args.window} steps), and switching to it from "
+              f"the replayed placement at interval {args.interval}: slots moved, steps to pay "
+              "them back:")
+        print(f"{'steps':>8} {'x offline':>10} {'x contiguous':>13} {'slots':>6} {'payback':>8}")
+        for row in fits:
+            print(f"{row['steps']:>8} {row['vs_offline']:>10.3f} {row['vs_contiguous']:>13.3f} "
+                  f"{row['slots']:>6} {row['payback_steps']:>8.0f}")
     if args.plot is not None:
         switches = [a["applied_at"] for a in attempts if a["applied"]]
         plot(args.plot, {name: cross_node_series(run) for name, run in runs.items()}, switches,
@@ -206,6 +259,7 @@ def main() -> int:
                       "trace_node_dedup_offline_vs_contiguous": node_offline / node_identity,
                       "trace_d_gpu": {"offline": d_offline, "contiguous": d_identity},
                       "attempts": len(attempts), "applied": applied, "replays": replays,
+                      "past_fits": fits,
                       "replacements": attempts}))
     return 0
 

@@ -264,6 +264,36 @@ def fresh_solve(stats: RoutingStatistics, like: Placement, seed: int = 0,
                      found.gpus_per_node, order[found.layers]).validate()
 
 
+def _rank_of_expert(placement: Placement, layer: int) -> np.ndarray:
+    ranks = np.empty(placement.num_experts, dtype=np.int64)
+    ranks[placement.layers[layer]] = placement.slot_ranks
+    return ranks
+
+
+def _from_ranks(ranks: Sequence[np.ndarray], like: Placement) -> Placement:
+    """The placement with expert e of layer l on rank ``ranks[l][e]``, its slots aligned to
+    ``like`` (``align_to_previous``)."""
+    rows = like.layers.copy()
+    for layer, of_expert in enumerate(ranks):
+        rows[layer] = np.argsort(of_expert, kind="stable")  # experts of rank 0, then rank 1, ...
+    return align_to_previous(Placement(like.num_experts, like.num_layers, like.ep_size,
+                                       like.slots_per_rank, like.gpus_per_node, rows), like)
+
+
+def _aligned_ranks(current: Placement, target: Placement) -> List[np.ndarray]:
+    from folding.placement.training import align_ranks
+
+    return [align_ranks(_rank_of_expert(target, layer), _rank_of_expert(current, layer),
+                        current.rank_nodes) for layer in range(current.num_layers)]
+
+
+def relabelled_to(current: Placement, target: Placement) -> Placement:
+    """``target`` relabelled (whole nodes among equal-sized nodes, ranks inside a node, which
+    changes no cost) and its slots ordered to keep the most experts where ``current`` has
+    them: what switching to ``target`` in full would move."""
+    return _from_ranks(_aligned_ranks(current, target), current)
+
+
 def cut_to_budget(current: Placement, target: Placement, stats: RoutingStatistics,
                   max_moved: float, node_dedup: bool = False) -> List[Placement]:
     """Steps from ``current`` towards ``target`` (both without replicas), each applying one more
@@ -271,25 +301,19 @@ def cut_to_budget(current: Placement, target: Placement, stats: RoutingStatistic
     pairs (training objective weights) per moved slot, as long as it gains, fits the layer's
     move budget (``max_moved`` of its slots, as the solver counts it) and leaves no rank more
     loaded on the window than the more loaded of the two placements. ``target`` is relabelled
-    first (whole nodes, ranks in a node) to overlap ``current`` most. Returns the placement
-    after each step, in order (the caller picks the prefix that pays best)."""
+    first (``relabelled_to``). Returns the placement after each step, in order (the caller
+    picks the prefix that pays best)."""
     from folding.placement.metrics import objective_weights
-    from folding.placement.training import align_ranks
 
     if current.redundant_slots or target.redundant_slots:
         return []
     rank_weight, node_weight = objective_weights("training")
     rank_nodes = current.rank_nodes
-    S, P = current.slots_per_rank, current.ep_size
-    budget = int(np.floor(max_moved * P * S))
-    slot_ranks = current.slot_ranks
+    P = current.ep_size
+    budget = int(np.floor(max_moved * P * current.slots_per_rank))
     state, cycles, left, limits = [], [], [], []
-    for layer in range(current.num_layers):
-        now = np.empty(current.num_experts, dtype=np.int64)
-        now[current.layers[layer]] = slot_ranks
-        goal = np.empty(current.num_experts, dtype=np.int64)
-        goal[target.layers[layer]] = slot_ranks
-        goal = align_ranks(goal, now, rank_nodes)
+    for layer, goal in enumerate(_aligned_ranks(current, target)):
+        now = _rank_of_expert(current, layer)
         loads = stats.counts[layer]
         limits.append(max(np.bincount(now, loads, P).max(), np.bincount(goal, loads, P).max())
                       * (1 + 1e-9))
@@ -320,11 +344,7 @@ def cut_to_budget(current: Placement, target: Placement, stats: RoutingStatistic
         members, _ = cycles[layer].pop(index)
         state[layer], score[layer] = trial, score[layer] + gain
         left[layer] -= len(members)
-        rows = current.layers.copy()
-        for l in range(current.num_layers):
-            rows[l] = np.argsort(state[l], kind="stable")  # experts of rank 0, then rank 1, ...
-        out.append(align_to_previous(Placement(current.num_experts, current.num_layers, P, S,
-                                               current.gpus_per_node, rows), current))
+        out.append(_from_ranks(state, current))
 
 
 # ---------------------------------------------------------------------------- one attempt
@@ -467,13 +487,15 @@ def decide(current: Placement, stats: RoutingStatistics, step: int, interval: in
 # ---------------------------------------------------------------------------- replayed
 def replay(windows: Sequence[RoutingStatistics], start: Placement, interval: int,
            max_moved: float, costs: MoveCosts, delay: int = 3, node_dedup: bool = False,
-           time_limit: Optional[float] = 10.0) -> Tuple[List[float], List[Attempt]]:
+           time_limit: Optional[float] = 10.0
+           ) -> Tuple[List[float], List[Attempt], List[Placement]]:
     """The decisions ``Replacer`` would take on recorded routing, one ``RoutingStatistics`` per
     step (``windows``): every ``interval`` steps ``decide`` on the steps since the last attempt,
     the result switched in ``delay`` steps later. The folded dispatcher's outputs do not depend
     on the placement, so recorded routing is what the run would have routed whatever it
-    placed. Returns the predicted cross-node rows of every step and the attempts."""
-    placement, pending, series, attempts = start, None, [], []
+    placed. Returns the predicted cross-node rows of every step, the attempts and the placement
+    in force at every step."""
+    placement, pending, series, attempts, placed = start, None, [], [], []
     window = RoutingStatistics.empty(start.num_experts, start.num_layers, windows[0].top_k)
     for index, stats in enumerate(windows):
         step = index + 1
@@ -481,6 +503,7 @@ def replay(windows: Sequence[RoutingStatistics], start: Placement, interval: int
             placement, pending = pending[1], None
             attempts[-1].applied_at = step - 1
         series.append(rows_per_step(placement, stats, node_dedup)["cross_node"])
+        placed.append(placement)
         window = window.added(stats)
         if pending is None and step % interval == 0:
             new, attempt = decide(placement, window, step, interval, max_moved, costs, time_limit,
@@ -491,4 +514,4 @@ def replay(windows: Sequence[RoutingStatistics], start: Placement, interval: int
                 pending = (step + delay, new)
     if pending is not None:
         attempts[-1].applied, attempts[-1].reason = False, "training ended before the switch"
-    return series, attempts
+    return series, attempts, placed
