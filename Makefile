@@ -41,7 +41,7 @@ $(VENV19)/.installed: pyproject.toml
 	touch $@
 
 test-mcore019: $(VENV19)/.installed
-	$(VENV19)/bin/python -m pytest -q -m megatron $(PYTEST_ARGS)
+	$(VENV19)/bin/python -m pytest -q -m "megatron and not primary_only" $(PYTEST_ARGS)
 
 ci: test test-mcore019
 

@@ -134,12 +134,13 @@ def test_moves_that_leave_adams_moments_behind_are_caught(tmp_path, eight_iterat
 @pytest.mark.multiprocess
 @pytest.mark.slow
 def test_a_re_placement_that_does_not_pay_is_skipped_and_logged(eight_iterations):
-    """Without ``--folding-replace-always`` the verdict weighs the move: over 3 steps of 512
+    """Without ``--folding-replace-always`` the verdict weighs the move: over 4 steps of 512
     tokens a better placement of this model saves a few kB, while each expert moved costs
-    about 300 kB on each of 2 expert-data-parallel ranks. Both attempts (solved after steps 3
-    and 6, judged one step later) are skipped, said so in a line, and training is the run
-    without re-placement, to the last digit."""
-    run = train(4, *FOLDING, "--folding-replace-interval", "3", "--folding-replace-max-moved",
+    about 300 kB on each of 2 expert-data-parallel ranks. Both attempts are skipped, said so
+    in a line, and training is the run without re-placement, to the last digit: the one
+    solved after step 4 is judged one step later, the one solved after step 8 is still in
+    flight when the loop stops there (``--exit-interval``) and is judged then."""
+    run = train(4, *FOLDING, "--folding-replace-interval", "4", "--folding-replace-max-moved",
                 "1", "--folding-replace-apply-after", "1", *EXIT_AT)
     attempts = [line for line in run["plugin"] if "re-placement at step" in line]
     assert len(attempts) == 2 and not _applied(run), run["plugin"]

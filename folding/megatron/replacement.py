@@ -317,12 +317,34 @@ class _LoopHook:
              f"{args.folding_replace_max_moved:g} of each layer's slots moved"
              + (", applied whatever it saves" if args.folding_replace_always else ""))
 
-    def after_step(self, steps_done: int) -> None:
+    def after_step(self, steps_done: int, last: bool) -> None:
+        """The boundary after ``steps_done`` steps; ``last``: the loop stops there, so a solve
+        still in flight is judged now and reported, not applied (``Replacer.finish``)."""
         self.trainer.steps_done = steps_done
         self.replacer.after_step()
+        if last:
+            self.replacer.finish()
+        self._show()
+
+    def stop(self) -> None:
+        """The loop stops without a boundary (``should_exit``)."""
+        self.replacer.finish()
+        self._show()
+
+    def _show(self) -> None:
         for attempt in self.replacer.attempts[self.shown:]:
             _say(f"> folding: {attempt.line()}")
         self.shown = len(self.replacer.attempts)
+
+
+def _last_iteration(args, steps_done: int) -> bool:
+    """Whether Megatron's loop stops after ``steps_done`` steps on its count of iterations
+    (``--train-iters``, ``--exit-interval``); a stop on time (``--exit-duration-in-mins``) or a
+    signal is not known in advance, and a solve in flight then goes unreported."""
+    if args.train_iters is not None and steps_done >= args.train_iters:
+        return True
+    exit_interval = getattr(args, "exit_interval", None)
+    return bool(exit_interval) and steps_done % exit_interval == 0
 
 
 def _wrapped_train_step(original, hook: _LoopHook):
@@ -337,13 +359,15 @@ def _wrapped_train_step(original, hook: _LoopHook):
             hook.start(args, model, optimizer)
         result = original(forward_step_func, data_iterator, model, optimizer, *rest, **kwargs)
         if result[3]:  # should_exit: no boundary to switch at
+            hook.stop()
             return result
         # A skipped update (a NaN gradient) is still a boundary: moving the unchanged state is
         # as exact as moving a stepped one.
         iteration = kwargs.get("iteration")
         if iteration is None:
             iteration = getattr(args, "curr_iteration", 0)
-        hook.after_step(int(iteration) + 1)
+        steps_done = int(iteration) + 1
+        hook.after_step(steps_done, _last_iteration(args, steps_done))
         return result
 
     return train_step
