@@ -116,13 +116,18 @@ def verify_reports(tmp_path_factory):
     return dict(zip(keys, verify_many([cases[k] for k in keys])))
 
 
+# On megatron-core 0.19.2 the folded dispatcher is held to Megatron's alltoall dispatcher
+# (test_outputs_and_gradients_equal_megatron_alltoall, test_megatron_loop) and `folding verify`
+# to a single process: these eleven runs of the module fixture run on 0.16.1 only.
 @pytest.mark.slow
+@pytest.mark.primary_only
 def test_folded_runs_train_like_a_single_process(verify_reports):
     for name, report in verify_reports.items():
         assert report.passed, (name, report.to_json())
 
 
 @pytest.mark.slow
+@pytest.mark.primary_only
 def test_traffic_counters_add_up(verify_reports):
     report = verify_reports["{'tp': 2, 'ep': 4, 'etp': 1}"]
     last = report.traffic[-1]
