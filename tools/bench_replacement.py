@@ -31,6 +31,7 @@ cross-node bytes per step of the three runs, switches marked.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -153,10 +154,7 @@ def past_fits(args, steps: list, identity, tail, delay: int, placed: list, costs
     current = placed[last + delay]
     rows = []
     for first in range(last - args.interval + 1, 0, -args.interval):
-        window = RoutingStatistics.empty(identity.num_experts, identity.num_layers,
-                                         steps[0].top_k)
-        for stats in steps[first - 1:last]:
-            window = window.added(stats)
+        window = functools.reduce(RoutingStatistics.added, steps[first - 1:last])
         found = min((fresh_solve(window, identity, seed) for seed in range(3)), key=tail)
         target = relabelled_to(current, found)
         slots = changed_slots(current, target)

@@ -273,11 +273,9 @@ def _rank_of_expert(placement: Placement, layer: int) -> np.ndarray:
 def _from_ranks(ranks: Sequence[np.ndarray], like: Placement) -> Placement:
     """The placement with expert e of layer l on rank ``ranks[l][e]``, its slots aligned to
     ``like`` (``align_to_previous``)."""
-    rows = like.layers.copy()
-    for layer, of_expert in enumerate(ranks):
-        rows[layer] = np.argsort(of_expert, kind="stable")  # experts of rank 0, then rank 1, ...
-    return align_to_previous(Placement(like.num_experts, like.num_layers, like.ep_size,
-                                       like.slots_per_rank, like.gpus_per_node, rows), like)
+    experts = [np.arange(like.num_experts)] * len(ranks)
+    return align_to_previous(Placement.from_rank_assignment(
+        like.num_experts, like.ep_size, like.gpus_per_node, experts, list(ranks)), like)
 
 
 def _aligned_ranks(current: Placement, target: Placement) -> List[np.ndarray]:
