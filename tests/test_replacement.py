@@ -16,7 +16,7 @@ import torch
 
 from folding.layout import checkpoint
 from folding.placement.live import (MoveCosts, RoutingStatistics, align_to_previous, changed_slots,
-                                    cut_to_budget, decide, fresh_solve, move_cycles,
+                                    copies_across, cut_to_budget, decide, fresh_solve, move_cycles,
                                     relabelled_to, replay, rows_per_step, transfer_plan)
 from folding.placement.metrics import evaluate
 from folding.placement.placement import Placement
@@ -164,7 +164,7 @@ def test_decide_keeps_the_best_net_saving_of_its_candidates(trace):
     def net(candidates):
         _, attempt = decide(current, stats, 10, 10, 0.1, COSTS, node_dedup=True,
                             candidates=candidates)
-        return attempt.predicted_saving - attempt.bytes_moved, attempt
+        return attempt.predicted_saving - attempt.bytes_moved_across, attempt
 
     warm, _ = net(("warm",))
     cut, _ = net(("cut",))
@@ -204,6 +204,13 @@ def test_alignment_keeps_staying_experts_in_their_slots():
     # A replica on the destination's own rank is copied locally.
     replicated = np.array([0, 1, 1, 2, 3, 3])
     assert transfer_plan(replicated, np.array([0, 1, 3, 2, 3, 1]), 3) == [(4, 2), (1, 5)]
+    # Else a replica on its node (4 ranks of one slot, 2 per node): expert 2 sits on ranks 0
+    # and 3; rank 2 copies it from rank 3, inside its node.
+    old_row, new_row = np.array([2, 0, 1, 2]), np.array([2, 0, 2, 1])
+    assert transfer_plan(old_row, new_row, 1, 2) == [(3, 2), (2, 3)]
+    assert transfer_plan(old_row, new_row, 1) == [(0, 2), (2, 3)]
+    old, new = Placement(4, 1, 4, 1, 2, [old_row]), Placement(4, 1, 4, 1, 2, [new_row])
+    assert (copies_across(old, new, "rank"), copies_across(old, new, "node")) == (2, 0)
 
 
 COSTS = MoveCosts(expert_bytes=3 * 128 * 128 * 12, row_bytes=128 * 4)
@@ -216,12 +223,27 @@ def test_skipped_when_the_saving_does_not_cover_the_move(trace):
     placement, attempt = decide(current, stats_of(trace.tokens(slice(0, 64))), 10, 10, 0.1, COSTS)
     assert placement is None and not attempt.applied and attempt.slots_moved > 0
     assert attempt.predicted_saving < attempt.bytes_moved
-    assert attempt.bytes_moved == attempt.slots_moved * COSTS.expert_bytes
+    # Without node-level deduplication every copy crosses ranks (staying experts keep their slots).
+    assert attempt.bytes_moved == attempt.bytes_moved_across == attempt.slots_moved * COSTS.expert_bytes
     assert "does not cover" in attempt.reason and "skipped" in attempt.line()
     # The same statistics over a long horizon pay (when the solve finds a saving at all).
     placement, attempt = decide(current, stats_of(trace), 10, 10 ** 6, 0.1, COSTS)
     assert attempt.predicted_saving > 0 and attempt.applied and placement is not None
     assert changed_slots(current, placement) == attempt.slots_moved <= 4 * 3
+
+
+def test_under_node_dedup_the_verdict_weighs_only_the_copies_between_nodes(trace):
+    """The saving counted under node-level deduplication is cross-node bytes, so the copies
+    weighed against it are those from another node: here the move copies 12 experts, 8 of them
+    across nodes, and what it saves lies between the two, so it is applied; with every copy
+    charged it would not pay."""
+    current, costs = Placement.identity(32, 4, 8, 4), MoveCosts(expert_bytes=12_000_000, row_bytes=512)
+    placement, attempt = decide(current, stats_of(trace), 10, 100, 0.1, costs, node_dedup=True)
+    assert attempt.applied and placement is not None
+    assert attempt.bytes_moved_across == copies_across(current, placement, "node") * costs.expert_bytes
+    assert attempt.bytes_moved == changed_slots(current, placement) * costs.expert_bytes
+    assert attempt.bytes_moved > attempt.predicted_saving >= attempt.bytes_moved_across > 0
+    assert "over the link the saving is counted on" in attempt.line()
 
 
 def test_budget_of_zero_moves_nothing(trace):
@@ -384,6 +406,6 @@ def test_replacement_pays_against_the_contiguous_layout():
     plain = folding_train("--steps", "80", "--traffic")
     first = live["replacements"][0]
     assert first["step"] == 40 and first["applied"], first
-    assert first["predicted_saving"] >= first["bytes_moved"] > 0
+    assert first["predicted_saving"] >= first["bytes_moved_across"] > 0
     assert first["predicted_saving"] == pytest.approx(first["predicted_cross_node_saving"])
     assert cross_node_bytes(live, 20) < cross_node_bytes(plain, 20)

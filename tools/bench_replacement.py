@@ -133,7 +133,7 @@ def replayed(args, recipe, trace, live: dict, offline, identity) -> tuple:
                                 node_dedup=True)
     fits = [{"steps": f"{f['first']}-{f['last']}", "vs_offline": float(f["predicted"] / best),
              "vs_contiguous": float(f["predicted"] / base), "slots": f["slots"],
-             "payback_steps": float(f["payback_steps"])}
+             "across_nodes": f["across_nodes"], "payback_steps": float(f["payback_steps"])}
             for f in past_fits(args, steps, identity, tail, delay, in_force, costs)]
     return rows, fits
 
@@ -144,11 +144,11 @@ def past_fits(args, steps: list, identity, tail, delay: int, placed: list, costs
     attempt whose switch lands before the window, a going back one interval at a time. No
     policy that moves experts on what it has seen can beat the best of these by much; the
     offline placement has also seen the window itself. Also what switching to it would have
-    cost from the replayed placement in force then (``placed``, one per step): slots, and the
-    steps its saving over the window takes to pay the bytes back, against the interval that
-    the verdict allows."""
+    cost from the replayed placement in force then (``placed``, one per step): slots, those
+    copied across nodes, and the steps its saving over the window takes to pay those bytes
+    back (the verdict's measure), against the interval that the verdict allows."""
     from folding.placement.live import (PASSES_PER_STEP, RoutingStatistics, changed_slots,
-                                        fresh_solve, relabelled_to)
+                                        copies_across, fresh_solve, relabelled_to)
 
     last = (args.steps - args.window - delay) // args.interval * args.interval
     current = placed[last + delay]
@@ -157,10 +157,11 @@ def past_fits(args, steps: list, identity, tail, delay: int, placed: list, costs
         window = functools.reduce(RoutingStatistics.added, steps[first - 1:last])
         found = min((fresh_solve(window, identity, seed) for seed in range(3)), key=tail)
         target = relabelled_to(current, found)
-        slots = changed_slots(current, target)
+        across = copies_across(current, target, "node")
         saving = (tail(current) - tail(target)) * PASSES_PER_STEP * costs.row_bytes
-        rows.append({"first": first, "last": last, "predicted": tail(found), "slots": slots,
-                     "payback_steps": slots * costs.expert_bytes * costs.copies / saving
+        rows.append({"first": first, "last": last, "predicted": tail(found),
+                     "slots": changed_slots(current, target), "across_nodes": across,
+                     "payback_steps": across * costs.expert_bytes * costs.copies / saving
                      if saving > 0 else float("inf")})
     return rows
 
@@ -236,12 +237,13 @@ def main() -> int:
     if fits:
         print("fitted on the past alone, moves free (fresh solve, best of 3 seeds; predicted "
               f"cross-node rows over the last {args.window} steps), and switching to it from "
-              f"the replayed placement at interval {args.interval}: slots moved, steps to pay "
-              "them back:")
-        print(f"{'steps':>8} {'x offline':>10} {'x contiguous':>13} {'slots':>6} {'payback':>8}")
+              f"the replayed placement at interval {args.interval}: slots moved, those copied "
+              "across nodes, steps to pay those back:")
+        print(f"{'steps':>8} {'x offline':>10} {'x contiguous':>13} {'slots':>6} "
+              f"{'across':>7} {'payback':>8}")
         for row in fits:
             print(f"{row['steps']:>8} {row['vs_offline']:>10.3f} {row['vs_contiguous']:>13.3f} "
-                  f"{row['slots']:>6} {row['payback_steps']:>8.0f}")
+                  f"{row['slots']:>6} {row['across_nodes']:>7} {row['payback_steps']:>8.0f}")
     if args.plot is not None:
         switches = [a["applied_at"] for a in attempts if a["applied"]]
         plot(args.plot, {name: cross_node_series(run) for name, run in runs.items()}, switches,

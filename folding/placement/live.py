@@ -23,7 +23,10 @@ relabelled to overlap the current placement and cut to the budget cycle of moves
 moves), each aligned to the current placement (an expert that stays on its rank keeps its
 slot); the one with the best net saving is judged: applied when the bytes it is predicted to
 save over the next interval cover the bytes it moves (parameters, fp32 main parameters and
-both Adam moments of every expert that changes slot), else skipped. Nothing here touches
+both Adam moments of every expert that changes slot), counted on one link: cross-rank bytes
+saved against the copies from other ranks, or, under node-level deduplication, cross-node bytes
+saved against the copies from other nodes (a copy inside a node travels over NVLink, not the
+network the saving is counted on); else skipped. Nothing here touches
 torch or a process group: ``folding.run.replacement`` does the collecting, the communication
 and the moving.
 """
@@ -189,17 +192,35 @@ def align_to_previous(new: Placement, previous: Placement) -> Placement:
                      new.gpus_per_node, rows).validate()
 
 
-def transfer_plan(old_row: np.ndarray, new_row: np.ndarray, slots_per_rank: int) -> List[Tuple[int, int]]:
+def transfer_plan(old_row: np.ndarray, new_row: np.ndarray, slots_per_rank: int,
+                  ranks_per_node: Optional[int] = None) -> List[Tuple[int, int]]:
     """(source slot, destination slot) for every slot whose expert changes: the source holds
-    the expert now, on the destination's rank when it can (a local copy), else the first."""
+    the expert now, on the destination's rank when it can (a local copy), else on its node
+    (``ranks_per_node``: a copy that stays off the network), else the first."""
     out = []
+    per_node = (ranks_per_node or 1 << 30) * slots_per_rank
     for dst in np.flatnonzero(old_row != new_row):
         holders = np.flatnonzero(old_row == new_row[dst])
         if holders.size == 0:
             raise FoldingError(f"expert {int(new_row[dst])} has no slot to copy from")
-        local = holders[holders // slots_per_rank == dst // slots_per_rank]
-        out.append((int(local[0] if local.size else holders[0]), int(dst)))
+        for near in (holders[holders // slots_per_rank == dst // slots_per_rank],
+                     holders[holders // per_node == dst // per_node], holders):
+            if near.size:
+                out.append((int(near[0]), int(dst)))
+                break
     return out
+
+
+def copies_across(old: Placement, new: Placement, level: str = "rank") -> int:
+    """Slots whose expert changes and is copied from another rank (``level`` "node": another
+    node), over all layers, as ``transfer_plan`` picks the sources: the copies that travel on
+    the link a re-placement's saving is counted on."""
+    S = old.slots_per_rank
+    span = S * (old.gpus_per_node if level == "node" else 1)
+    return sum(src // span != dst // span
+               for layer in range(old.num_layers)
+               for src, dst in transfer_plan(old.layers[layer], new.layers[layer], S,
+                                             old.gpus_per_node))
 
 
 # ---------------------------------------------------------------------------- a target, cut
@@ -370,6 +391,9 @@ class Attempt:
     candidate: str = ""
     """Which candidate was judged: "warm" (the warm-started solve) or "cut N" (a fresh solve
     cut to its first N cycles of moves); empty when there was none."""
+    bytes_moved_across: int = 0
+    """Of ``bytes_moved``, what crosses the link the saving is counted on (another rank; another
+    node under node-level deduplication): what the verdict weighs the saving against."""
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -377,7 +401,8 @@ class Attempt:
     def line(self) -> str:
         what = (f"applied at step {self.applied_at}" if self.applied else f"skipped ({self.reason})")
         return (f"re-placement at step {self.step}: {self.slots_moved} slots, "
-                f"{self.bytes_moved / 1e6:.2f} MB to move, predicted saving "
+                f"{self.bytes_moved / 1e6:.2f} MB to move ({self.bytes_moved_across / 1e6:.2f} MB "
+                f"over the link the saving is counted on), predicted saving "
                 f"{self.predicted_saving / 1e6:.2f} MB over the interval "
                 f"({self.predicted_cross_node_saving / 1e6:.2f} MB cross-node), {what}")
 
@@ -409,7 +434,8 @@ def decide(current: Placement, stats: RoutingStatistics, step: int, interval: in
     solve runs ``fresh_solves`` times, on the experts relabelled by a seeded permutation after
     the first (``fresh_solve``), which sends the search down another path. The net saving of a
     candidate is its predicted saving over ``interval`` steps at the window's tokens per step
-    (cross-rank bytes; cross-node bytes under ``node_dedup``) minus the bytes it moves; the best
+    (cross-rank bytes; cross-node bytes under ``node_dedup``) minus the bytes it copies over
+    that link (``copies_across``; ``Attempt.bytes_moved`` reports all it moves); the best
     one is applied when its saving covers its bytes (``always``: whenever it moves a slot, for
     checks that the switch is exact), else skipped. ``node_dedup``: the dispatcher deduplicates
     per node (cross-node rows follow the distinct nodes of a token, see ``rows_per_step``; the
@@ -423,9 +449,10 @@ def decide(current: Placement, stats: RoutingStatistics, step: int, interval: in
 
     def skipped(reason: str, slots: int = 0, moved: int = 0, saving: float = 0.0,
                 node_saving: float = 0.0, before: float = 0.0, after: float = 0.0,
-                candidate: str = ""):
+                candidate: str = "", across: int = 0):
         return None, Attempt(step, slots, moved, saving, node_saving, False, reason,
-                             time.perf_counter() - started, None, before, after, candidate)
+                             time.perf_counter() - started, None, before, after, candidate,
+                             across)
 
     if stats.steps == 0 or stats.counts.sum() == 0:
         return skipped("no routing statistics")
@@ -457,7 +484,10 @@ def decide(current: Placement, stats: RoutingStatistics, step: int, interval: in
     scale = PASSES_PER_STEP * costs.row_bytes * interval
     # Under node-level deduplication a token's rows relay through one rank of each remote
     # node, which the distinct-rank count does not follow: the saving counted is cross-node.
-    measure = "cross_node" if node_dedup else "cross_rank"
+    # The moves are weighed on the same link: an expert copied inside a node (NVLink) does not
+    # load the network whose bytes the saving counts.
+    measure, level = ("cross_node", "node") if node_dedup else ("cross_rank", "rank")
+    slot_bytes = costs.expert_bytes * costs.copies
     best = None
     for name, new in found:
         slots = changed_slots(current, new)
@@ -465,21 +495,22 @@ def decide(current: Placement, stats: RoutingStatistics, step: int, interval: in
             continue
         after = rows_per_step(new, stats, node_dedup)
         saving = (before[measure] - after[measure]) * scale
-        moved = slots * costs.expert_bytes * costs.copies
-        if best is None or saving - moved > best[3] - best[4]:
-            best = (name, new, slots, saving, moved, after)
+        across = copies_across(current, new, level) * slot_bytes
+        if best is None or saving - across > best[3] - best[4]:
+            best = (name, new, slots, saving, across, after)
     if best is None:
         return skipped("the solver kept every slot", 0, 0, 0.0, 0.0, before["cross_node"],
                        before["cross_node"])
-    name, new, slots, saving, moved, after = best
+    name, new, slots, saving, across, after = best
     node_saving = (before["cross_node"] - after["cross_node"]) * scale
-    if saving < moved and not always:
+    moved = slots * slot_bytes
+    if (saving < across or saving <= 0) and not always:
         return skipped("predicted saving does not cover the bytes moved", slots, moved, saving,
-                       node_saving, before["cross_node"], after["cross_node"], name)
-    reason = "saving covers the move" if saving >= moved else "applied whatever it saves"
+                       node_saving, before["cross_node"], after["cross_node"], name, across)
+    reason = "saving covers the move" if saving >= across else "applied whatever it saves"
     return new, Attempt(step, slots, moved, saving, node_saving, True, reason,
                         time.perf_counter() - started, None, before["cross_node"],
-                        after["cross_node"], name)
+                        after["cross_node"], name, across)
 
 
 # ---------------------------------------------------------------------------- replayed

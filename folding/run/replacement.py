@@ -111,7 +111,8 @@ def transfer_plans(layers, old, new) -> list:
     out = []
     for layer in layers:
         ordinal = layer.moe_ordinal[layer.layer_number]
-        out.append(transfer_plan(old.layers[ordinal], new.layers[ordinal], layer.slots_per_rank))
+        out.append(transfer_plan(old.layers[ordinal], new.layers[ordinal], layer.slots_per_rank,
+                                old.gpus_per_node))
     return out
 
 
