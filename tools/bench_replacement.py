@@ -164,7 +164,7 @@ def past_fits(args, steps: list, identity, tail, delay: int, placed: list, costs
         target = relabelled_to(current, found)
         across = copies_across(current, target, "node")
         saving = (tail(current) - tail(target)) * PASSES_PER_STEP * costs.row_bytes
-        rows.append({"first": first, "last": last, "predicted": tail(found),
+        rows.append({"first": first, "last": last, "placement": found, "predicted": tail(found),
                      "slots": changed_slots(current, target), "across_nodes": across,
                      "payback_steps": across * costs.expert_bytes * costs.copies / saving
                      if saving > 0 else float("inf")})
