@@ -27,6 +27,9 @@ DISTRIBUTED = ["--expert-tensor-parallel-size", "1", "--use-distributed-optimize
 FOLDING = ["--expert-model-parallel-size", "2", *DISTRIBUTED]
 FOLDINGS = {  # ranks and flags
     "dp4_etp1-ep2-edp2": (4, FOLDING),
+    # bf16: the model's parameters in bf16, the optimizer's fp32 main parameters beside them,
+    # both moved with the moments
+    "dp4_etp1-ep2-edp2_bf16": (4, ["--bf16", *FOLDING]),
     # two pipeline stages, each with its own EP group and two of the four MoE layers
     "pp2-dp2_etp1-ep2": (4, ["--pipeline-model-parallel-size", "2", *FOLDING]),
     # the issue's folding on 8 ranks: TP1 PP2 DP4 | ETP1 EP4, with 8 experts (two per rank,
@@ -73,6 +76,7 @@ def test_re_placement_with_the_distributed_optimizer_trains_exactly_and_resumes(
         checkpoint_tensors(tmp_path / "replaced" / final, tmp_path),
         checkpoint_tensors(tmp_path / "reference" / final, tmp_path))
     assert any(".experts." in k and "exp_avg_sq" in k for k in differences)
+    assert any(k.startswith("optimizer.state.param.") and ".experts." in k for k in differences)
     worst = max(differences, key=differences.get)
     print(f"final state, {len(differences)} tensors: largest difference {differences[worst]:.2e} "
           f"({worst})")
