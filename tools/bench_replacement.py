@@ -141,8 +141,8 @@ def replayed(args, recipe, trace, live: dict, offline, identity) -> tuple:
 def past_fits(args, steps: list, identity, tail, delay: int, placed: list, costs) -> list:
     """What a placement fitted on the past alone reaches over the last window, moves free: a
     fresh training solve (best of three seeds on the steps it is fitted on,
-    ``live.fresh_solve``) on steps a..t, t the last
-    attempt whose switch lands before the window, a going back one interval at a time. No
+    ``live.fresh_solve``) on steps a..t, t the last attempt whose switch lands before the
+    window, a going back one interval at a time. No
     policy that moves experts on what it has seen can beat the best of these by much; the
     offline placement has also seen the window itself. Also what switching to it would have
     cost from the replayed placement in force then (``placed``, one per step): slots, those
@@ -242,9 +242,8 @@ def main() -> int:
     if fits:
         print("fitted on the past alone, moves free (fresh solve, best of 3 seeds on its own "
               f"steps; predicted cross-node rows over the last {args.window} steps), and "
-              f"switching to it from "
-              f"the replayed placement at interval {args.interval}: slots moved, those copied "
-              "across nodes, steps to pay those back:")
+              f"switching to it from the replayed placement at interval {args.interval}: slots "
+              "moved, those copied across nodes, steps to pay those back:")
         print(f"{'steps':>8} {'x offline':>10} {'x contiguous':>13} {'slots':>6} "
               f"{'across':>7} {'payback':>8}")
         for row in fits:

@@ -197,17 +197,14 @@ def transfer_plan(old_row: np.ndarray, new_row: np.ndarray, slots_per_rank: int,
     """(source slot, destination slot) for every slot whose expert changes: the source holds
     the expert now, on the destination's rank when it can (a local copy), else on its node
     (``ranks_per_node``: a copy that stays off the network), else the first."""
+    spans = [slots_per_rank] + ([ranks_per_node * slots_per_rank] if ranks_per_node else [])
     out = []
-    per_node = (ranks_per_node or 1 << 30) * slots_per_rank
     for dst in np.flatnonzero(old_row != new_row):
         holders = np.flatnonzero(old_row == new_row[dst])
         if holders.size == 0:
             raise FoldingError(f"expert {int(new_row[dst])} has no slot to copy from")
-        for near in (holders[holders // slots_per_rank == dst // slots_per_rank],
-                     holders[holders // per_node == dst // per_node], holders):
-            if near.size:
-                out.append((int(near[0]), int(dst)))
-                break
+        nearest = [holders[holders // span == dst // span] for span in spans] + [holders]
+        out.append((int(next(h for h in nearest if h.size)[0]), int(dst)))
     return out
 
 
