@@ -155,6 +155,24 @@ def test_a_re_placement_that_does_not_pay_is_skipped_and_logged(eight_iterations
     assert difference == 0.0, f"lm loss differs by {difference:.2e} (relative)"
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_a_solve_in_flight_when_megatron_stops_on_time_is_reported():
+    """``--exit-duration-in-mins`` stops the loop after whichever step passes the minute, a
+    stop no step knows in advance: the solve started after step 1 (never switched to, it waits
+    100000 steps) is still judged and reported in a line before Megatron exits. Without the
+    wrap of ``checkpoint_and_decide_exit`` the run ends with no line for it."""
+    _long()
+    run = train(4, *FOLDING, "--folding-replace-interval", "1", "--folding-replace-max-moved",
+                "1", "--folding-replace-always", "--folding-replace-apply-after", "100000",
+                "--exit-duration-in-mins", "1", iterations=100000)
+    assert run["exit_status"] == 0, run["stderr"][-3000:]
+    assert 1 < len(run["iterations"]) < 100000
+    attempts = [line for line in run["plugin"] if "re-placement at step" in line]
+    assert len(attempts) == 1 and "re-placement at step 1:" in attempts[0], run["plugin"]
+    assert "skipped (" in attempts[0] and not _applied(run), attempts[0]
+
+
 def _flags(*flags):
     from megatron_loop import MODEL, TRAINING
 

@@ -15,6 +15,8 @@ next to the checkpoint (the current placement and the window's statistics), and
 ``load_checkpoint`` is preceded by reading it back: the layers take the saved placement before
 Megatron loads, and since experts are named by what they are in torch_dist checkpoints
 (``folding.dispatcher.expert_checkpoint``), each slot loads the expert the placement gives it.
+When Megatron's ``checkpoint_and_decide_exit`` stops the loop early (a signal, its time limit),
+a solve still in flight is judged and reported first.
 
 Moving experts (``MegatronTrainer.move_experts``): for every slot whose expert changes, the
 source slot's parameters, its fp32 main parameters (when the model's are 16-bit) and Adam's
@@ -327,7 +329,8 @@ class _LoopHook:
         self._show()
 
     def stop(self) -> None:
-        """The loop stops without a boundary (``should_exit``)."""
+        """The loop stops early: Megatron's rerun machinery, a signal or its time limit (a solve
+        already judged at the last boundary is not judged twice)."""
         self.replacer.finish()
         self._show()
 
@@ -339,8 +342,9 @@ class _LoopHook:
 
 def _last_iteration(args, steps_done: int) -> bool:
     """Whether Megatron's loop stops after ``steps_done`` steps on its count of iterations
-    (``--train-iters``, ``--exit-interval``); a stop on time (``--exit-duration-in-mins``) or a
-    signal is not known in advance, and a solve in flight then goes unreported."""
+    (``--train-iters``, ``--exit-interval``). A stop on time (``--exit-duration-in-mins``) or on
+    a signal is decided after the step, by ``checkpoint_and_decide_exit``
+    (``_wrapped_decide_exit``)."""
     if args.train_iters is not None and steps_done >= args.train_iters:
         return True
     exit_interval = getattr(args, "exit_interval", None)
@@ -371,6 +375,21 @@ def _wrapped_train_step(original, hook: _LoopHook):
         return result
 
     return train_step
+
+
+def _wrapped_decide_exit(original, hook: _LoopHook):
+    """Megatron decides every early exit (a signal, ``--exit-duration-in-mins``,
+    ``--exit-interval``) here, on every rank alike, after saving: a solve still in flight is
+    judged and reported before the loop stops, as at the last iteration."""
+
+    @functools.wraps(original)
+    def checkpoint_and_decide_exit(*args, **kwargs):
+        should_exit = original(*args, **kwargs)
+        if should_exit and hook.replacer is not None:
+            hook.stop()
+        return should_exit
+
+    return checkpoint_and_decide_exit
 
 
 def _checkpoint_folder(save_dir: str, iteration: int) -> str:
@@ -441,9 +460,9 @@ def _wrapped_load_checkpoint(original, hook: _LoopHook):
 
 
 def install(patcher) -> "_LoopHook":
-    """Wrap Megatron's ``train_step``, ``save_checkpoint`` and ``load_checkpoint`` where
-    ``megatron.training.training`` calls them (once: a second call changes nothing). They do
-    nothing without ``--folding-replace-interval``."""
+    """Wrap Megatron's ``train_step``, ``save_checkpoint``, ``load_checkpoint`` and
+    ``checkpoint_and_decide_exit`` where ``megatron.training.training`` calls them (once: a
+    second call changes nothing). They do nothing without ``--folding-replace-interval``."""
     import megatron.training.training as training
 
     if getattr(training.train_step, "folding_replacement", None) is not None:
@@ -456,6 +475,9 @@ def install(patcher) -> "_LoopHook":
                 _wrapped_save_checkpoint(training.save_checkpoint, hook))
     patcher.set(training, "load_checkpoint",
                 _wrapped_load_checkpoint(training.load_checkpoint, hook))
+    if hasattr(training, "checkpoint_and_decide_exit"):
+        patcher.set(training, "checkpoint_and_decide_exit",
+                    _wrapped_decide_exit(training.checkpoint_and_decide_exit, hook))
     return hook
 
 
