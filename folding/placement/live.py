@@ -338,28 +338,40 @@ def cut_to_budget(current: Placement, target: Placement, stats: RoutingStatistic
         left.append(budget)
     score = [_layer_score(state[l], stats.pairs[l], rank_nodes, node_dedup, rank_weight,
                           node_weight) for l in range(current.num_layers)]
+
+    def layer_options(layer: int) -> list:
+        """(gain per moved slot, option index, trial ranks, gain) of each cycle of ``layer``
+        that fits its budget and load limit and gains: a step changes one layer, so only that
+        layer's options are weighed again."""
+        loads, found = stats.counts[layer], []
+        for index, (members, ranks) in enumerate(cycles[layer]):
+            if len(members) > left[layer]:
+                continue
+            trial = state[layer].copy()
+            trial[members] = ranks
+            if np.bincount(trial, loads, P).max() > limits[layer]:
+                continue
+            gain = _layer_score(trial, stats.pairs[layer], rank_nodes, node_dedup, rank_weight,
+                                node_weight) - score[layer]
+            if gain > 1e-9:
+                found.append((gain / len(members), index, trial, gain))
+        return found
+
+    options = [layer_options(layer) for layer in range(current.num_layers)]
     out = []
     while True:
         best = None
-        for layer, options in enumerate(cycles):
-            loads = stats.counts[layer]
-            for index, (members, ranks) in enumerate(options):
-                if len(members) > left[layer]:
-                    continue
-                trial = state[layer].copy()
-                trial[members] = ranks
-                if np.bincount(trial, loads, P).max() > limits[layer]:
-                    continue
-                gain = _layer_score(trial, stats.pairs[layer], rank_nodes, node_dedup,
-                                    rank_weight, node_weight) - score[layer]
-                if gain > 1e-9 and (best is None or gain / len(members) > best[0]):
-                    best = (gain / len(members), layer, index, trial, gain)
+        for layer, found in enumerate(options):
+            for per_slot, index, trial, gain in found:
+                if best is None or per_slot > best[0]:
+                    best = (per_slot, layer, index, trial, gain)
         if best is None:
             return out
         _, layer, index, trial, gain = best
         members, _ = cycles[layer].pop(index)
         state[layer], score[layer] = trial, score[layer] + gain
         left[layer] -= len(members)
+        options[layer] = layer_options(layer)
         out.append(_from_ranks(state, current))
 
 
