@@ -18,7 +18,7 @@ from folding.recipe import load_recipe
 # One module fixture spawns every case; the limit is for a hang, not for a slow machine.
 # On megatron-core 0.19.2 `folding train` runs in test_replacement, test_train_context_parallel
 # and test_device, and Megatron's checkpoints resume across foldings in test_megatron_loop: this
-# module's 140 steps on 8 ranks run on 0.16.1 only.
+# module's 61 steps on 8 ranks run on 0.16.1 only.
 pytestmark = [pytest.mark.megatron, pytest.mark.primary_only, pytest.mark.multiprocess,
               pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -35,15 +35,15 @@ def runs(tmp_path_factory):
     ckpt = str(tmp_path_factory.mktemp("ckpt"))
     traces = tmp_path_factory.mktemp("traces")
     return {
-        "whole": folding_train("--steps", "40", "--trace-out", str(traces / "pp1.npz"),
+        "whole": folding_train("--steps", "20", "--trace-out", str(traces / "pp1.npz"),
                                "--trace-tokens", "2048"),
         "pp2 trace": folding_train("--steps", "1", "--pp", "2", "--trace-out", str(traces / "pp2.npz"),
                                    "--trace-tokens", "2048"),
         "traces": traces,
-        "first": folding_train("--steps", "20", "--save", ckpt),
-        "second": folding_train("--steps", "20", "--load", ckpt),
-        "second TP1 EP8": folding_train("--steps", "20", "--load", ckpt, "--tp", "1", "--ep", "8"),
-        "second TP2 PP2 EP4": folding_train("--steps", "20", "--load", ckpt, "--pp", "2"),
+        "first": folding_train("--steps", "10", "--save", ckpt),
+        "second": folding_train("--steps", "10", "--load", ckpt),
+        "second TP1 EP8": folding_train("--steps", "10", "--load", ckpt, "--tp", "1", "--ep", "8"),
+        "second TP2 PP2 EP4": folding_train("--steps", "10", "--load", ckpt, "--pp", "2"),
         "ckpt": ckpt,
     }
 
@@ -52,17 +52,17 @@ def test_loss_falls_on_the_corpus(runs):
     whole = runs["whole"]
     assert whole["folding"] == "TP2 CP1 DP4 PP1 | ETP1 EP4 EDP2"  # attention and MoE layouts differ
     assert abs(whole["first_loss"] - 5.545) < 0.05  # ln 256: a uniform guess over bytes
-    assert whole["last_loss"] < 3.0
+    assert whole["last_loss"] < 3.5  # mean of steps 11-20 (measured 3.32)
 
 
 def test_resume_same_folding_is_bit_identical(runs):
     assert runs["first"]["losses"] + runs["second"]["losses"] == runs["whole"]["losses"]
-    assert runs["second"]["first_step"] == 20
+    assert runs["second"]["first_step"] == 10
 
 
 @pytest.mark.parametrize("second", ["second TP1 EP8", "second TP2 PP2 EP4"])
 def test_resume_under_another_folding(runs, second):
-    reference = runs["whole"]["losses"][20:]
+    reference = runs["whole"]["losses"][10:]
     resumed = runs[second]["losses"]
     rel = [abs(a - b) / b for a, b in zip(resumed, reference)]
     # Re-sharded, the same function from the same state: within folding verify's loss tolerance
@@ -70,17 +70,17 @@ def test_resume_under_another_folding(runs, second):
     # order). A near-tie that routes one token to another expert moves the loss by more from
     # there on (measured on a fresh install in December 2026: TP1 EP8 from the 18th resumed
     # step, 4.7e-5, then 2.7e-6 and 1.9e-5); a re-sharding error shows from the first steps.
-    assert len(rel) == 20
-    assert max(rel[:10]) <= 1e-5
-    assert max(rel) <= 1e-3
+    print(f"{second}: resumed steps 11-20, relative loss differences {max(rel):.1e} at most")
+    assert len(rel) == 10
+    assert max(rel) <= 1e-5
 
 
 def test_checkpoint_holds_the_full_model(runs):
     arch = load_recipe("tiny-moe").model
     saved = checkpoint.read(runs["ckpt"], arch)
     assert set(saved["model"]) == set(full_parameters(arch))
-    assert saved["meta"]["step"] == 20 and saved["optimizer"]["step"] == 20
-    assert len(saved["meta"]["losses"]) == 20
+    assert saved["meta"]["step"] == 10 and saved["optimizer"]["step"] == 10
+    assert len(saved["meta"]["losses"]) == 10
 
 
 def test_bad_checkpoints_are_refused(tmp_path):
