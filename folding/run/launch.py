@@ -7,6 +7,11 @@ CPU, the default; NCCL with one GPU per rank, rank r on GPU r), calls ``fn(rank,
 raises, is killed or exits without a result, the others are terminated at once (they may be
 blocked in a collective that will never complete) and ``RankFailed`` names the rank that failed
 first and why.
+
+CPU ranks start as forks of a fork server that has imported torch and Megatron-Core once
+(``folding.run.preload``): spawning each rank afresh would import them once per rank, several
+CPU seconds each. Each rank takes the launcher's environment and working directory as they are
+at the launch, as a spawned rank would. GPU ranks are spawned: CUDA does not survive a fork.
 """
 
 from __future__ import annotations
@@ -56,13 +61,31 @@ def _exit_with_parent(poll_s: float = 1.0) -> None:
     threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
+def _context(device: DeviceChoice):
+    """Forks of the preloaded fork server for CPU ranks where the platform has one, else spawn."""
+    if device.on_gpu or "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    context = mp.get_context("forkserver")
+    # One fork server per launching process, started by its first launch; the placement
+    # solver's workers (``folding.placement.training``) share it.
+    context.set_forkserver_preload(["folding.run.preload", "folding.placement.training"])
+    return context
+
+
 def _worker(rank: int, world_size: int, port: int, threads: int, fn: Callable, args: tuple,
-            results, collective_timeout_s: float, device: DeviceChoice) -> None:
+            results, collective_timeout_s: float, device: DeviceChoice,
+            environment: Optional[dict] = None, directory: Optional[str] = None) -> None:
     import logging
     import warnings
 
     import torch
     import torch.distributed as dist
+
+    if environment is not None:  # a fork server's environment is its first launch's
+        os.environ.clear()
+        os.environ.update(environment)
+    if directory is not None:
+        os.chdir(directory)
 
     # Megatron and torch.distributed warn about missing GPU libraries and deprecated names on
     # every rank; on a CPU run that is noise, not news.
@@ -154,7 +177,7 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout_s: Optional[flo
     ``timeout_s`` bounds the whole run; on expiry every rank is stopped and RankFailed names the
     lowest rank still running.
     """
-    ctx = mp.get_context("spawn")
+    ctx = _context(device)
     results = ctx.Queue()
     port = free_port()
     # One thread per rank: the matrices of CPU runs are small, and intra-op threading on them
@@ -162,7 +185,7 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout_s: Optional[flo
     threads = threads_per_rank or 1
     processes = [ctx.Process(target=_worker, daemon=True,
                              args=(r, world_size, port, threads, fn, args, results,
-                                   collective_timeout_s, device))
+                                   collective_timeout_s, device, dict(os.environ), os.getcwd()))
                  for r in range(world_size)]
     for p in processes:
         p.start()
