@@ -72,26 +72,28 @@ def _context(device: DeviceChoice):
     return context
 
 
-def _worker(rank: int, world_size: int, port: int, threads: int, fn: Callable, args: tuple,
-            results, collective_timeout_s: float, device: DeviceChoice,
-            environment: Optional[dict] = None, directory: Optional[str] = None) -> None:
+def quiet_imports() -> None:
+    """Megatron and torch.distributed warn about missing GPU libraries and deprecated names on
+    every rank (and in the fork server, once per launch); on a CPU run that is noise, not news."""
     import logging
     import warnings
 
-    import torch
-    import torch.distributed as dist
-
-    if environment is not None:  # a fork server's environment is its first launch's
-        os.environ.clear()
-        os.environ.update(environment)
-    if directory is not None:
-        os.chdir(directory)
-
-    # Megatron and torch.distributed warn about missing GPU libraries and deprecated names on
-    # every rank; on a CPU run that is noise, not news.
     for module in ("megatron", "torch.distributed", "torch.nn", "transformer_engine"):
         warnings.filterwarnings("ignore", module=module)
     logging.getLogger("megatron").setLevel(logging.ERROR)
+
+
+def _worker(rank: int, world_size: int, port: int, threads: int, fn: Callable, args: tuple,
+            results, collective_timeout_s: float, device: DeviceChoice, environment: dict,
+            directory: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    # As a spawned rank would: a fork server's environment and directory are its first launch's.
+    os.environ.clear()
+    os.environ.update(environment)
+    os.chdir(directory)
+    quiet_imports()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     # Read by the CPU runtime: a CPU rank must stay on the CPU where GPUs are visible too.

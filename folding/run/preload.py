@@ -7,15 +7,9 @@ rank from that fresh, single-threaded interpreter. An import that fails here cos
 saving: the rank imports what it needs itself.
 """
 
-import logging
-import warnings
+from folding.run.launch import quiet_imports
 
-# The same silence as each rank's (``launch._worker``): Megatron warns about absent GPU
-# libraries at import, and here that would print once per launch.
-for _module in ("megatron", "torch.distributed", "torch.nn", "transformer_engine"):
-    warnings.filterwarnings("ignore", module=_module)
-logging.getLogger("megatron").setLevel(logging.ERROR)
-
+quiet_imports()
 try:
     import torch  # noqa: F401
     import torch.distributed  # noqa: F401
