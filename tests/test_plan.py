@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 
+import numpy as np
 import pytest
 
 from folding.cost import comm
@@ -90,6 +91,43 @@ def test_alpha_beta_by_hand():
     # all-to-all over 16 ranks on 2 nodes: 7/16 stays on NVLink, 8/16 leaves through the adapter
     assert comm.all_to_all_time(32e6, across, hw) == pytest.approx(
         15 * 10e-6 + max(32e6 * 7 / 16 / nvlink, 32e6 * 8 / 16 / adapter))
+
+
+def test_exchange_time_of_measured_sends():
+    hw = H100_SXM
+    nvlink, adapter = 450e9 * 0.8, 50e9 * 0.9
+    # An even spread is the closed form, inside a node and across nodes.
+    for n, per_node in ((8, 8), (16, 8), (8, 4), (32, 8)):
+        even = np.full((n, n), 64e6 / n)
+        assert comm.exchange_time(even, np.arange(n) // per_node, hw) == pytest.approx(
+            comm.all_to_all_time(64e6, comm.Span(n, -(-n // per_node)), hw), rel=1e-12)
+    # 4 ranks on 2 nodes; rank 3 receives 30 MB from other nodes: the busiest link is its
+    # adapter's receiving side, not any rank's sends (at most 20 MB across).
+    sent = np.zeros((4, 4))
+    sent[0, 2], sent[0, 3], sent[1, 3], sent[2, 3], sent[1, 1] = 10e6, 10e6, 20e6, 40e6, 99e6
+    busiest = max(40e6 / nvlink, 30e6 / adapter)
+    assert comm.exchange_time(sent, np.array([0, 0, 1, 1]), hw) == pytest.approx(
+        3 * 10e-6 + busiest)
+    # On one node the same sends all travel over NVLink, rank 3 receiving 70 MB (a rank's rows
+    # to itself are free).
+    assert comm.exchange_time(sent, np.zeros(4, dtype=int), hw) == pytest.approx(
+        3 * 5e-6 + 70e6 / nvlink)
+
+
+def test_dispatch_combine_time_of_a_relayed_token():
+    """4 ranks on 2 nodes, one token on rank 0 for experts on ranks 2 and 3 (the other node),
+    1 MB a row: sent directly it crosses twice; relayed it crosses once, to rank 2, which
+    forwards a row to rank 3 over NVLink. Each hop goes there and back, after the counts."""
+    hw, nodes, row = H100_SXM, [0, 0, 1, 1], 1e6
+    nvlink, adapter = 450e9 * 0.8, 50e9 * 0.9
+    peers = 3 * 10e-6
+    direct = [[[0, 0, 1, 1]], [[0, 0, 0, 0]], [[0, 0, 0, 0]], [[0, 0, 0, 0]]]
+    assert comm.dispatch_combine_time(direct, nodes, row, hw) == pytest.approx(
+        peers + 2 * (peers + 2e6 / adapter))
+    relayed = [[[0, 0, 1, 0], [0, 0, 0, 0]], [[0, 0, 0, 0], [0, 0, 0, 0]],
+               [[0, 0, 0, 0], [0, 0, 0, 1]], [[0, 0, 0, 0], [0, 0, 0, 0]]]
+    assert comm.dispatch_combine_time(relayed, nodes, row, hw) == pytest.approx(
+        peers + 2 * (peers + 1e6 / adapter) + 2 * (peers + 1e6 / nvlink))
 
 
 def test_roofline_gemm_by_hand():

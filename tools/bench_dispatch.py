@@ -11,6 +11,16 @@ folded/Megatron of dispatch + combine (median of ``--repeats`` runs, measured si
 process). A placement solved on a structured trace is checked to send no more than the identity
 placement, on the routing it was solved on and on held-out tokens.
 
+Column ``model`` (TP1 rows): what the same sends would take on GPUs, by the planner's
+alpha-beta model (``folding.cost.comm.dispatch_combine_time``, a profile of ``folding.cost.hardware``,
+``--model-gpu``): every rank's measured rows per destination and hop, scaled to
+``--model-tokens`` tokens per rank of ``--model-hidden`` bf16 values, each all-to-all of
+dispatch and combine (and the count exchange) as long as its busiest NVLink or adapter plus a
+latency per peer, on the bench's nodes. 8 gloo ranks sharing 2 cores have no slow link between
+their simulated nodes: the bytes node-level deduplication saves cost nothing there, while each
+extra collective costs its scheduling latency; the model is what the bytes would cost where
+they do. It is a prediction with the profile's assumed efficiencies, not a measurement.
+
 Planning, on one rank and one thread (no ranks spawned): the local work each dispatcher does
 around its exchanges and experts, at 4k-16k tokens, 64-256 experts, top-2 and top-8, EP8 (each
 rank hosts E/8 experts), hidden 1024. Megatron's: the token counts, permutation 1 (its
@@ -78,6 +88,14 @@ def _bytes_moved(dispatcher, own_rank: int, rank_node, row_bytes: int):
     return int(counts[others].sum()) * row_bytes, int(counts[remote].sum()) * row_bytes
 
 
+def _rows_per_hop(dispatcher) -> list:
+    """Rows this rank sent to each EP rank in each all-to-all of one dispatch (combine sends
+    them back the same way)."""
+    if getattr(dispatcher, "node_dedup", False):
+        return [list(dispatcher.relay_input_splits), list(dispatcher.input_splits)]
+    return [[int(r) for r in dispatcher.input_splits]]
+
+
 def _rank_body(rank, world, cases, options):
     import torch.distributed as dist
 
@@ -123,7 +141,7 @@ def _rank_body(rank, world, cases, options):
         rank_node = torch.tensor([r // spec.gpus_per_node for r in ep_ranks])
         ep_rank = ep_ranks.index(rank)
         row_bytes = HIDDEN * 4
-        out = {}
+        out, hops = {}, {}
         times = {name: [] for name in layers}
         for repeat in range(options["repeats"] + 1):
             order = list(layers.items())
@@ -134,14 +152,19 @@ def _rank_body(rank, world, cases, options):
                 if repeat:  # the first run of each warms up
                     times[name].append(run.dispatch_combine_s)
                 out[name] = _bytes_moved(layer.token_dispatcher, ep_rank, rank_node, row_bytes)
+                hops[name] = _rows_per_hop(layer.token_dispatcher)
         results.append({name: {"cross_rank_bytes": out[name][0], "cross_node_bytes": out[name][1],
-                               "times": times[name]} for name in layers})
+                               "times": times[name], "rows_per_hop": hops[name],
+                               "ep_rank": ep_rank} for name in layers})
         destroy()
     return results
 
 
-def _totals(per_rank, case_index):
-    """Sum bytes over ranks; time = the slowest rank's median (all ranks wait for it)."""
+def _totals(per_rank, case_index, model=None):
+    """Sum bytes over ranks; time = the slowest rank's median (all ranks wait for it).
+    ``model``: (rank_node, row_bytes, profile) for ``comm.dispatch_combine_time``."""
+    from folding.cost import comm
+
     names = per_rank[0][case_index].keys()
     out = {}
     for name in names:
@@ -150,6 +173,9 @@ def _totals(per_rank, case_index):
                      "cross_node_bytes": sum(r["cross_node_bytes"] for r in runs),
                      "seconds": statistics.median(max(r["times"][i] for r in runs)
                                                   for i in range(len(runs[0]["times"])))}
+        if model is not None:
+            by_ep_rank = [r["rows_per_hop"] for r in sorted(runs, key=lambda r: r["ep_rank"])]
+            out[name]["modelled_s"] = comm.dispatch_combine_time(by_ep_rank, *model)
     return out
 
 
@@ -314,6 +340,12 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--gpus-per-node", type=int, default=4)
     p.add_argument("--quick", action="store_true", help="fewer cases and repeats")
+    p.add_argument("--model-gpu", default="h100-sxm",
+                   help="hardware profile of the modelled time column (folding.cost.hardware)")
+    p.add_argument("--model-tokens", type=int, default=4096,
+                   help="tokens per rank the modelled time scales the measured rows to")
+    p.add_argument("--model-hidden", type=int, default=7168,
+                   help="hidden size (bf16) of the modelled rows")
     p.add_argument("--planning-only", action="store_true",
                    help="only the one-rank planning table (no ranks spawned)")
     args = p.parse_args(argv)
@@ -350,16 +382,26 @@ def main(argv=None) -> int:
             labels.append(("TP1 EP8", topk, half))
     options = {"tokens": args.tokens, "repeats": 3 if args.quick else args.repeats,
                "gpus_per_node": args.gpus_per_node}
+    from folding.cost.hardware import get_profile
+
+    profile = get_profile(args.model_gpu)
+    model_row_bytes = args.model_hidden * 2 * args.model_tokens / args.tokens
     start = time.time()
     per_rank = run_ranks(_rank_body, 8, cases, options, timeout_s=3600)
     figures = []
     header = (f"{'folding':14s} {'top-k':>5s} {'routing':>10s} {'Megatron MB':>11s} {'folded MB':>9s} "
-              f"{'ratio':>6s} {'expected':>8s} {'node ratio':>10s} {'placed MB':>9s} {'time ratio':>10s}")
+              f"{'ratio':>6s} {'expected':>8s} {'node ratio':>10s} {'placed MB':>9s} {'time ratio':>10s} "
+              f"{'model':>6s}")
     print(header)
     print("-" * len(header))
     for i, (fname, topk, routing) in enumerate(labels):
-        t = _totals(per_rank, i)
+        folding = cases[i]["folding"]
+        modelled = folding.get("tp", 1) == 1  # no expert-TP gathers in the model
+        per_node = cases[i].get("gpus_per_node", args.gpus_per_node)
+        model = ([r // per_node for r in range(folding["ep"])], model_row_bytes, profile)
+        t = _totals(per_rank, i, model if modelled else None)
         meg, fol = t["megatron"], t["folded"]
+        model_ratio = fol["modelled_s"] / meg["modelled_s"] if modelled else None
         ratio = fol["cross_rank_bytes"] / meg["cross_rank_bytes"]
         node_ratio = (fol["cross_node_bytes"] / meg["cross_node_bytes"]) if meg["cross_node_bytes"] else float("nan")
         relayed = cases[i].get("node_dedup", False)
@@ -377,7 +419,8 @@ def main(argv=None) -> int:
                "folded_cross_node_bytes": fol["cross_node_bytes"],
                "bytes_ratio": ratio, "expected_ratio": expected, "node_bytes_ratio": node_ratio,
                "node_dedup": relayed, "expected_node_ratio": expected_node,
-               "time_ratio": time_ratio, "megatron_s": meg["seconds"], "folded_s": fol["seconds"]}
+               "time_ratio": time_ratio, "megatron_s": meg["seconds"], "folded_s": fol["seconds"],
+               "modelled_time_ratio": model_ratio}
         if placed:
             row.update(placed_cross_rank_bytes=placed["cross_rank_bytes"],
                        placed_cross_node_bytes=placed["cross_node_bytes"])
@@ -387,7 +430,8 @@ def main(argv=None) -> int:
         placed_text = f"{placed['cross_rank_bytes'] / 1e6:.2f}" if placed else "-"
         print(f"{fname:14s} {topk:5d} {routing:>10s} {meg['cross_rank_bytes'] / 1e6:11.2f} "
               f"{fol['cross_rank_bytes'] / 1e6:9.2f} {ratio:6.3f} {expected_text:>8s} "
-              f"{node_ratio:10.3f} {placed_text:>9s} {time_ratio:10.2f}")
+              f"{node_ratio:10.3f} {placed_text:>9s} {time_ratio:10.2f} "
+              f"{f'{model_ratio:.2f}' if modelled else '-':>6s}")
     uniform = [f for f in figures if f["expected_ratio"]]
     worst_expected = max(abs(f["bytes_ratio"] / f["expected_ratio"] - 1) for f in uniform)
     structured = [f for f in figures if "placed_cross_rank_bytes" in f]
@@ -399,6 +443,9 @@ def main(argv=None) -> int:
         "max_node_deviation_from_expected": max(
             abs(f["node_bytes_ratio"] / f["expected_node_ratio"] - 1) for f in relayed),
         "max_node_dedup_time_ratio": max(f["time_ratio"] for f in relayed),
+        "max_node_dedup_modelled_time_ratio": max(f["modelled_time_ratio"] for f in relayed),
+        "model": {"gpu": args.model_gpu, "tokens_per_rank": args.model_tokens,
+                  "hidden": args.model_hidden},
         "placement_never_worse": all(f["placed_cross_rank_bytes"] <= f["folded_cross_rank_bytes"]
                                      for f in structured),
         "seconds": time.time() - start,
@@ -410,7 +457,9 @@ def main(argv=None) -> int:
     print(f"node-level deduplication (EP8 on 2 and 4 nodes): cross-node bytes within "
           f"{100 * summary['max_node_deviation_from_expected']:.2f}% of the expected distinct-node "
           f"ratio (target 2%), time folded/Megatron worst {summary['max_node_dedup_time_ratio']:.2f} "
-          f"(target <= 1.2)")
+          f"(target <= 1.2); modelled on {args.model_gpu} at {args.model_tokens} tokens x "
+          f"{args.model_hidden} bf16 per rank: worst "
+          f"{summary['max_node_dedup_modelled_time_ratio']:.2f}")
     print(f"solved placement sends no more than identity, on the routing it was solved on and "
           f"on held-out routing: {summary['placement_never_worse']}")
     planning = planning_table(3 if args.quick else 7)

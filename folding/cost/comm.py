@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -98,11 +98,57 @@ def all_to_all_time(bytes_per_rank: float, span: Span, hw: HardwareProfile,
     if n <= 1:
         return 0.0
     local = min(span.ranks_per_node, n)
-    nvlink = hw.nvlink_gbps * (nvlink_efficiency or hw.nvlink_efficiency) * 1e9
-    network = hw.network_gbps * (network_efficiency or hw.network_efficiency) * 1e9
+    nvlink, network = _link_rates(hw, nvlink_efficiency, network_efficiency)
     intra = bytes_per_rank * (local - 1) / n / nvlink
     inter = bytes_per_rank * (n - local) / n / network if span.nodes > 1 else 0.0
     return latency(span, hw) * (n - 1) + max(intra, inter)
+
+
+def exchange_time(sent: np.ndarray, rank_node: np.ndarray, hw: HardwareProfile,
+                  nvlink_efficiency: Optional[float] = None,
+                  network_efficiency: Optional[float] = None) -> float:
+    """All-to-all in which rank i sends ``sent[i, j]`` bytes to rank j (any spread: a dispatcher's
+    measured sends), ranks on the nodes ``rank_node`` says. Each rank sends and receives over
+    NVLink inside its node and through its adapter across nodes, both at once; the exchange
+    lasts as long as its busiest link of any rank, plus a latency per peer. On an even spread it
+    is ``all_to_all_time``."""
+    sent = np.asarray(sent, dtype=np.float64)
+    n = sent.shape[0]
+    if n <= 1:
+        return 0.0
+    node = np.asarray(rank_node)
+    same_node = node[:, None] == node[None, :]
+    np.fill_diagonal(same_node, False)  # a rank's rows to itself stay in its memory
+    across = node[:, None] != node[None, :]
+    nvlink, network = _link_rates(hw, nvlink_efficiency, network_efficiency)
+    intra, inter = sent * same_node, sent * across
+    busiest = max(intra.sum(axis=1).max(), intra.sum(axis=0).max()) / nvlink
+    if across.any():
+        busiest = max(busiest, inter.sum(axis=1).max() / network, inter.sum(axis=0).max() / network)
+    span = Span(n, len(np.unique(node)))
+    return latency(span, hw) * (n - 1) + busiest
+
+
+def dispatch_combine_time(rows_per_hop: Sequence[Sequence[Sequence[float]]], rank_node,
+                          row_bytes: float, hw: HardwareProfile) -> float:
+    """A token dispatcher's dispatch and combine over an EP group: ``rows_per_hop[i][h][j]``
+    rows of ``row_bytes`` that rank i sends to rank j in its h-th all-to-all of the dispatch
+    (one hop for direct sends, two when relayed through one rank per node); combine sends every
+    hop back, in reverse. The count exchange before the rows costs its latency."""
+    n = len(rows_per_hop)
+    nodes = np.asarray(rank_node)
+    total = latency(Span(n, len(np.unique(nodes))), hw) * (n - 1)
+    for hop in range(len(rows_per_hop[0])):
+        sent = np.array([rank[hop] for rank in rows_per_hop], dtype=np.float64) * row_bytes
+        total += exchange_time(sent, nodes, hw) + exchange_time(sent.T, nodes, hw)
+    return total
+
+
+def _link_rates(hw: HardwareProfile, nvlink_efficiency: Optional[float],
+                network_efficiency: Optional[float]) -> Tuple[float, float]:
+    """Bytes/s one rank reaches over NVLink and over its adapter in an all-to-all."""
+    return (hw.nvlink_gbps * (nvlink_efficiency or hw.nvlink_efficiency) * 1e9,
+            hw.network_gbps * (network_efficiency or hw.network_efficiency) * 1e9)
 
 
 def p2p_time(nbytes: float, crosses_nodes: bool, hw: HardwareProfile) -> float:
