@@ -206,9 +206,11 @@ def test_node_layout_gateways_and_refusals():
 
 
 def test_relayed_rows_cross_each_remote_node_once_and_reach_the_same_ranks():
-    """Counts of the relay against the direct plan: a token goes once to a node hosting any of its
-    experts, and the gateway forwards exactly the rows the direct plan would have sent."""
-    from folding.dispatcher.send_plan import NodeLayout, plan_forward, relay_counts
+    """The relay's counts and rows against the direct plan: a token goes once to a remote node
+    hosting any of its experts, directly to the ranks of its own node that host one, and the
+    rank that forwards it sends exactly the rows the direct plan would have sent."""
+    from folding.dispatcher.send_plan import (NodeLayout, plan_forward, plan_relay_rows,
+                                              relay_counts, relay_sends)
 
     g = torch.Generator().manual_seed(2)
     experts, ranks, per_node, tokens = 16, 4, 2, 64
@@ -217,19 +219,35 @@ def test_relayed_rows_cross_each_remote_node_once_and_reach_the_same_ranks():
     m.scatter_(1, torch.multinomial(torch.ones(tokens, experts), 4, generator=g), True)
     slot_routed = choose_slots(m, identity, 0)
     by_rank = count_sends(slot_routed, 4, ranks)
-    by_node = count_sends(slot_routed, 8, 2)
     expected_nodes = m.view(tokens, 2, 8).any(dim=2).sum(dim=0)
-    assert by_node.counts[:, 0].tolist() == expected_nodes.tolist()
     layout = NodeLayout(identity.rank_node, own_rank=1)
-    message = relay_counts(by_rank.counts, by_node.counts[:, 0], layout, layout.gateways)
-    # Every rank hears what will reach it from rank 1; rank 1 relays through gateways 1 (its own
-    # node) and 3, which hear the rows to forward: the direct plan's.
+    hop = relay_sends(by_rank.sent, layout)
+    # Rank 1 sends directly to ranks 0 and 1 (its node) and once per token to gateway 3.
+    assert hop[:, :2].tolist() == by_rank.sent[:, :2].tolist()
+    assert hop[:, 2].sum() == 0 and hop[:, 3].sum() == expected_nodes[1]
+    # Rows reach rank 1 from its own node directly, from rank 2 through rank 0 (its rail).
+    assert layout.source_gateway.tolist() == [1, 1, 0, 1]
+    assert NodeLayout(identity.rank_node, own_rank=2).source_gateway.tolist() == [2, 3, 2, 2]
+    message = relay_counts(by_rank.counts, hop.sum(dim=0), layout)
+    # Every rank hears what will reach it from rank 1; ranks 0 and 1 forward their own rows to
+    # themselves, gateway 3 the rows of its node: the direct plan's.
     assert message[:, 1:6].tolist() == by_rank.counts.tolist()
-    assert message[[0, 2], 0].abs().sum() == 0 and message[[0, 2], 6:].abs().sum() == 0
-    assert message[1, 0] == expected_nodes[0] and message[3, 0] == expected_nodes[1]
-    assert message[3, 6:].view(per_node, 5).tolist() == by_rank.counts[2:].tolist()
-    rows = plan_rows(by_node, slot_routed, int(by_node.counts[:, 0].sum()))
-    node1 = rows.row_mask[rows.row_columns[:, 0] >= 8]
+    assert message[:, 0].tolist() == hop.sum(dim=0).tolist()
+    forward = message[:, 6:].view(ranks, per_node, 5)
+    assert forward[0].tolist() == [by_rank.counts[0].tolist(), [0] * 5]
+    assert forward[1].tolist() == [[0] * 5, by_rank.counts[1].tolist()]
+    assert forward[2].abs().sum() == 0
+    assert forward[3].tolist() == by_rank.counts[2:].tolist()
+    rows = plan_relay_rows(hop, slot_routed, layout, int(hop.sum()))
+    # A direct row carries only its destination's slots; a row to another node all of them.
+    direct, remote = rows.row_columns[:, 0] < 8, rows.row_columns[:, 0] >= 8
+    assert torch.equal(rows.row_mask[direct].sum(), slot_routed[:, :8].sum())
+    node1 = rows.row_mask[remote]
+    assert torch.equal(node1.sum(), slot_routed[:, 8:].sum())
     source, member = plan_forward(node1, per_node, int(by_rank.counts[2:, 0].sum()))
     assert torch.bincount(member, minlength=2).tolist() == by_rank.counts[2:, 0].tolist()
     assert source.numel() == len(set(zip(source.tolist(), member.tolist())))
+    # At rank 0, rank 1's direct rows name rank 0 alone: forwarded to itself.
+    to_rank0 = rows.row_mask[:int(by_rank.counts[0, 0])]
+    _, member = plan_forward(to_rank0, per_node, int(by_rank.counts[0, 0]))
+    assert member.tolist() == [0] * int(by_rank.counts[0, 0])

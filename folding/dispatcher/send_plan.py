@@ -200,7 +200,8 @@ def expand_received(row_mask: torch.Tensor, pairs: int):
 class NodeLayout:
     """Where the EP ranks sit, for node-level deduplication: a token goes once to each remote
     node that hosts one of its experts, to one rank there (its gateway), which forwards it to
-    the ranks of its node that need it.
+    the ranks of its node that need it; inside its own node it goes directly to each rank that
+    needs it (over NVLink, in the same exchange as the rows to other nodes).
 
     Requires the EP ranks of every node to be contiguous in EP order and equally many (the
     layouts Megatron builds); ``reason`` says why node-level deduplication is off otherwise.
@@ -224,30 +225,75 @@ class NodeLayout:
         self.num_nodes = len(blocks)
         self.ranks_per_node = len(blocks[0][1])
         self.own_node = own_rank // self.ranks_per_node if self.reason is None else 0
-        position = own_rank % self.ranks_per_node
-        self.gateways = torch.arange(self.num_nodes, device="cpu") * self.ranks_per_node + position
-        """int64 [N]: the rank of each node this rank sends its rows for that node to."""
-        self.source_gateway = (self.own_node * self.ranks_per_node
-                               + torch.arange(len(nodes), device="cpu") % self.ranks_per_node)
-        """int64 [P]: the rank of this rank's node through which each rank's rows arrive."""
+        self.position = own_rank % self.ranks_per_node
+        """This rank's index inside its node: its gateway on every other node has the same."""
+        self.gateways = torch.arange(self.num_nodes, device="cpu") * self.ranks_per_node + self.position
+        """int64 [N]: the rank of each remote node this rank sends its rows for that node to."""
+        first = self.own_node * self.ranks_per_node
+        source = torch.arange(len(nodes), device="cpu")
+        self.source_gateway = torch.where(source // self.ranks_per_node == self.own_node,
+                                          own_rank, first + source % self.ranks_per_node)
+        """int64 [P]: the rank of this rank's node that forwards each rank's rows to this one:
+        for a rank of another node, its gateway here; for a rank of this node, which sends
+        directly, this rank itself."""
 
     @property
     def active(self) -> bool:
         return self.reason is None
 
 
-def relay_counts(rank_counts: torch.Tensor, node_rows: torch.Tensor, layout: NodeLayout,
-                 gateways: torch.Tensor) -> torch.Tensor:
+def relay_sends(sent: torch.Tensor, layout: NodeLayout) -> torch.Tensor:
+    """bool [T, P]: the first hop of a relayed dispatch, from the deduplicated sends ``sent``
+    [T, P]: token t goes once to the gateway of each remote node where it has a destination,
+    and directly to each of its destinations in its own node."""
+    tokens, ranks = sent.shape
+    by_node = sent.view(tokens, layout.num_nodes, layout.ranks_per_node)
+    hop = torch.zeros_like(by_node)
+    hop[:, :, layout.position] = by_node.any(dim=2)
+    hop[:, layout.own_node] = by_node[:, layout.own_node]
+    return hop.view(tokens, ranks)
+
+
+def relay_counts(rank_counts: torch.Tensor, hop_rows: torch.Tensor,
+                 layout: NodeLayout) -> torch.Tensor:
     """int64 [P, 1 + (1+S) + L(1+S)]: the one count message of a relayed dispatch. To every rank:
-    the rows it will relay from this rank (its gateways only), the rows and per-slot pairs that
-    will reach it from this rank (through whichever gateway), and, to a gateway, those of every
-    rank of its node, which it will forward."""
+    the rows it receives from this rank in the first hop (``hop_rows``, from ``relay_sends``),
+    the rows and per-slot pairs that will reach it from this rank (through whichever rank), and
+    those it will forward to each rank of its node in the second hop: a gateway the rows of
+    every rank of its node, a rank of this rank's own node its own rows (to itself)."""
     ranks, width = rank_counts.shape
-    per_node = rank_counts.view(layout.num_nodes, layout.ranks_per_node * width)
-    relay = torch.zeros(ranks, 1 + layout.ranks_per_node * width, dtype=rank_counts.dtype,
-                        device=rank_counts.device)
-    relay[gateways] = torch.cat([node_rows.view(-1, 1), per_node], dim=1)
-    return torch.cat([relay[:, :1], rank_counts, relay[:, 1:]], dim=1)
+    per_node = layout.ranks_per_node
+    forward = torch.zeros(ranks, per_node, width, dtype=rank_counts.dtype,
+                          device=rank_counts.device)
+    forward[layout.gateways.to(rank_counts.device)] = rank_counts.view(layout.num_nodes,
+                                                                        per_node, width)
+    first = layout.own_node * per_node
+    members = torch.arange(per_node, device=rank_counts.device)
+    forward[first:first + per_node] = 0  # this rank is its own node's gateway: not here
+    forward[first + members, members] = rank_counts[first:first + per_node]
+    return torch.cat([hop_rows.view(-1, 1).to(rank_counts.dtype), rank_counts,
+                      forward.view(ranks, -1)], dim=1)
+
+
+def plan_relay_rows(hop: torch.Tensor, slot_routed: torch.Tensor, layout: NodeLayout,
+                    rows: int) -> SendPlan:
+    """The first hop's rows (``hop`` from ``relay_sends``; ``rows`` its sum, known on the host),
+    grouped by destination, each with the routing of all the slots of its destination's node;
+    a row sent directly inside this rank's node keeps only its destination's slots."""
+    tokens, ranks = hop.shape
+    span = slot_routed.shape[1] // layout.num_nodes
+    per_rank = span // layout.ranks_per_node
+    cells = torch.nonzero_static(hop.t().reshape(-1), size=rows).view(-1)
+    dest = cells // tokens
+    row_token = cells - dest * tokens
+    node = dest // layout.ranks_per_node
+    columns = node.view(-1, 1) * span + torch.arange(span, device=cells.device)
+    member = torch.arange(span, device=cells.device) // per_rank
+    own_slots = member == (dest % layout.ranks_per_node).view(-1, 1)
+    keep = own_slots | (node != layout.own_node).view(-1, 1)
+    return SendPlan(row_token=row_token,
+                    row_mask=slot_routed[row_token.view(-1, 1), columns] & keep,
+                    row_columns=columns)
 
 
 def plan_forward(node_mask: torch.Tensor, ranks_per_node: int, rows: int):

@@ -33,7 +33,8 @@ import torch.distributed as dist
 
 from folding.dispatcher.counters import TrafficCounters
 from folding.dispatcher.send_plan import (NodeLayout, SlotMap, choose_slots, count_sends,
-                                          expand_received, plan_forward, plan_rows, relay_counts)
+                                          expand_received, plan_forward, plan_relay_rows,
+                                          plan_rows, relay_counts, relay_sends)
 from folding.errors import FoldingError
 
 try:
@@ -140,25 +141,24 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
         return torch.stack(peers)
 
     def _node_counts(self, rank_counts: torch.Tensor, hidden: torch.Tensor):
-        """Counts of both hops in one exchange: rows to each remote node's gateway; what each
-        gateway will forward to each rank of its node; what each rank will receive, by gateway."""
+        """Counts of both hops in one exchange: first-hop rows to each remote node's gateway and
+        to each rank of this node; what each rank will forward to each rank of its node; what
+        each rank will receive, by the rank that forwards it."""
         nodes, width = self.nodes, 1 + self.slots_per_rank
-        self.node_sends = count_sends(self.slot_routed, nodes.ranks_per_node * self.slots_per_rank,
-                                      nodes.num_nodes)
+        self.hop_sent = relay_sends(self.sends.sent, nodes)
         device = rank_counts.device
-        message = relay_counts(rank_counts, self.node_sends.counts[:, 0], nodes,
-                               nodes.gateways.to(device))
+        message = relay_counts(rank_counts, self.hop_sent.sum(dim=0), nodes)
         arrived = self._all_to_all_counts(message)
-        to_gateways, at_gateway = message[:, 0], arrived[:, 0]
+        first_hop, first_hop_in = message[:, 0], arrived[:, 0]
         relayed = arrived[:, 1 + width:].reshape(self.ep_size, nodes.ranks_per_node, width).sum(dim=0)
         to_members = torch.zeros(self.ep_size, dtype=relayed.dtype, device=device)
         first = nodes.own_node * nodes.ranks_per_node
         to_members[first:first + nodes.ranks_per_node] = relayed[:, 0]
         received = torch.zeros(self.ep_size, width, dtype=relayed.dtype, device=device).index_add_(
             0, nodes.source_gateway.to(device), arrived[:, 1:1 + width])
-        for rows in (to_gateways, to_members):  # both hops cross links
+        for rows in (first_hop, to_members):  # both hops cross links
             self.counters.record_rows(rows, hidden, self.ep_rank, self.rank_node)
-        return [to_gateways, at_gateway, to_members, self._gather_tp(received)]
+        return [first_hop, first_hop_in, to_members, self._gather_tp(received)]
 
     def _start_copy(self, counts: torch.Tensor) -> None:
         if counts.is_cuda:
@@ -182,12 +182,13 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
         host, self._host_counts = self._host_counts, None
         ranks, width = self.ep_size, 1 + self.slots_per_rank
         if self.node_dedup:
-            to_gateways, at_gateway, to_members = host[:3 * ranks].view(3, ranks).tolist()
+            first_hop, first_hop_in, to_members = host[:3 * ranks].view(3, ranks).tolist()
             host = host[3 * ranks:]
-            self.relay_input_splits, self.relay_output_splits = to_gateways, at_gateway
+            self.relay_input_splits, self.relay_output_splits = first_hop, first_hop_in
             self.input_splits = to_members
-            self.relayed_rows = sum(at_gateway)
-            self.plan = plan_rows(self.node_sends, self.slot_routed, sum(self.relay_input_splits))
+            self.relayed_rows = sum(first_hop_in)
+            self.plan = plan_relay_rows(self.hop_sent, self.slot_routed, self.nodes,
+                                        sum(self.relay_input_splits))
         else:
             self.input_splits = host[:ranks].tolist()
             host = host[ranks:]
@@ -237,7 +238,8 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
             rows, row_probs, mask = self._exchange(rows, row_probs, plan.row_mask,
                                                    self.relay_output_splits,
                                                    self.relay_input_splits, gather_tp=False)
-            # At the gateway: one row for each rank of the node that hosts an expert of it.
+            # Forwarded inside the node: one row for each rank of it that hosts an expert of the
+            # row (a row sent directly from this node names only this rank: a local copy).
             shape = (rows.shape[0], self.nodes.ranks_per_node, self.slots_per_rank)
             self.relay_source, member = plan_forward(mask, shape[1], sum(self.input_splits))
             rows = rows.index_select(0, self.relay_source)
@@ -271,7 +273,7 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
 
         out = all_to_all(self.ep_group, hidden_states, self.input_splits, self.output_splits)
         if self.node_dedup:
-            # At the gateway: each relayed row's sum over the ranks it went to, sent home once.
+            # Each first-hop row's sum over the ranks it was forwarded to, sent home once.
             out = _sum_rows(out, self.relay_source, self.relayed_rows).to(hidden_states.dtype)
             out = all_to_all(self.ep_group, out, self.relay_input_splits, self.relay_output_splits)
         return out
