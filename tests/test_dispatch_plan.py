@@ -251,3 +251,37 @@ def test_relayed_rows_cross_each_remote_node_once_and_reach_the_same_ranks():
     to_rank0 = rows.row_mask[:int(by_rank.counts[0, 0])]
     _, member = plan_forward(to_rank0, per_node, int(by_rank.counts[0, 0]))
     assert member.tolist() == [0] * int(by_rank.counts[0, 0])
+
+
+def test_bench_model_rows_deliver_every_pair_once_and_cross_once_per_node():
+    """tools/bench_dispatch.py's rows at scale, from the plans alone: Megatron sends a row per
+    (token, expert); rank-level deduplication one per (token, rank); the relay's first hop one
+    per (token, remote node) across nodes, and its second hop delivers exactly the rank-level
+    rows, each from a rank of the destination's node."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "bench_dispatch.py"
+    spec = importlib.util.spec_from_file_location("bench_dispatch", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ep, experts, topk, per_node, tokens = 8, 32, 4, 2, 200
+    hops = bench.rows_per_hop_at_scale(ep, experts, topk, per_node, tokens, seed=3)
+    # Regenerate the same routing to count by hand.
+    g = torch.Generator().manual_seed(3)
+    node = torch.arange(ep) // per_node
+    for source in range(ep):
+        ids = bench.routing_ids("uniform", tokens, topk, g, experts)
+        ranks = ids // (experts // ep)
+        assert hops["megatron"][source][0] == torch.bincount(ranks.view(-1), minlength=ep).tolist()
+        distinct = torch.zeros(tokens, ep, dtype=torch.bool).scatter_(1, ranks, True)
+        assert hops["rank"][source][0] == distinct.sum(dim=0).tolist()
+        remote = distinct.view(tokens, ep // per_node, per_node).any(dim=2).sum(dim=0)
+        first_hop = torch.tensor(hops["node"][source][0])
+        crossing = node != node[source]
+        assert int(first_hop[crossing].sum()) == int(remote[torch.arange(ep // per_node)
+                                                            != node[source]].sum())
+    second = torch.tensor([hops["node"][r][1] for r in range(ep)])
+    delivered = torch.tensor([hops["rank"][r][0] for r in range(ep)]).sum(dim=0)
+    assert second.sum(dim=0).tolist() == delivered.tolist()
+    assert all(second[r, node != node[r]].sum() == 0 for r in range(ep))

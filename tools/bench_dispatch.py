@@ -19,7 +19,9 @@ dispatch and combine (and the count exchange) as long as its busiest NVLink or a
 latency per peer, on the bench's nodes. 8 gloo ranks sharing 2 cores have no slow link between
 their simulated nodes: the bytes node-level deduplication saves cost nothing there, while each
 extra collective costs its scheduling latency; the model is what the bytes would cost where
-they do. It is a prediction with the profile's assumed efficiencies, not a measurement.
+they do. It is a prediction with the profile's assumed efficiencies, not a measurement. The
+last table models EP 8 to 64 on nodes of ``--model-gpus-per-node`` the same way, from the
+rows the dispatchers' own plans count for uniform routing (no ranks run; ``--model-only``).
 
 Planning, on one rank and one thread (no ranks spawned): the local work each dispatcher does
 around its exchanges and experts, at 4k-16k tokens, 64-256 experts, top-2 and top-8, EP8 (each
@@ -35,6 +37,7 @@ The last line is one JSON object with every figure.
 
     python tools/bench_dispatch.py [--tokens 1024] [--repeats 20] [--gpus-per-node 4] [--quick]
     python tools/bench_dispatch.py --planning-only [--repeats 5]
+    python tools/bench_dispatch.py --model-only [--model-gpu h100-sxm] [--model-gpus-per-node 8]
 """
 
 from __future__ import annotations
@@ -334,6 +337,73 @@ def print_planning(figures) -> float:
     return worst
 
 
+SCALE_CASES = ((16, 64), (32, 256), (64, 256), (128, 256))
+"""(EP size, experts) of the modelled table at scale, on nodes of ``--model-gpus-per-node``."""
+
+
+def rows_per_hop_at_scale(ep: int, experts: int, topk: int, per_node: int, tokens: int,
+                          seed: int = 0) -> dict:
+    """Rows every EP rank sends per destination in each hop of one dispatch, for uniform routing
+    on the contiguous layout, as the dispatchers' own plans count them (no ranks run): Megatron
+    (a copy per expert), rank-level deduplication, and node-level deduplication (``relay_sends``
+    and what ``relay_counts`` tells each rank to forward)."""
+    from folding.dispatcher.send_plan import NodeLayout, count_sends, relay_counts, relay_sends
+
+    g = torch.Generator().manual_seed(seed)
+    per_rank = experts // ep
+    rank_node = torch.arange(ep) // per_node
+    out = {"megatron": [], "rank": [], "node": []}
+    forwarded = torch.zeros(ep, ep, dtype=torch.long)
+    for source in range(ep):
+        routed = torch.zeros(tokens, experts, dtype=torch.bool)
+        routed.scatter_(1, routing_ids("uniform", tokens, topk, g, experts), True)
+        sends = count_sends(routed, per_rank, ep)
+        out["megatron"].append([routed.view(tokens, ep, per_rank).sum(dim=(0, 2)).tolist()])
+        out["rank"].append([sends.counts[:, 0].tolist()])
+        layout = NodeLayout(rank_node, source)
+        hop = relay_sends(sends.sent, layout)
+        out["node"].append([hop.sum(dim=0).tolist()])
+        message = relay_counts(sends.counts, hop.sum(dim=0), layout)
+        forward = message[:, 2 + per_rank:].view(ep, per_node, 1 + per_rank)[:, :, 0]
+        for dest in range(ep):  # what dest forwards to each rank of its node
+            first = dest // per_node * per_node
+            forwarded[dest, first:first + per_node] += forward[dest]
+    for source in range(ep):
+        out["node"][source].append(forwarded[source].tolist())
+    return out
+
+
+def scale_table(args, profile) -> list:
+    """Modelled dispatch + combine time over Megatron's at EP sizes the bench cannot run."""
+    from folding.cost import comm
+
+    row_bytes = args.model_hidden * 2
+    figures = []
+    for ep, experts in SCALE_CASES:
+        for topk in (2, 8):
+            hops = rows_per_hop_at_scale(ep, experts, topk, args.model_gpus_per_node,
+                                         args.model_tokens)
+            nodes = [r // args.model_gpus_per_node for r in range(ep)]
+            seconds = {name: comm.dispatch_combine_time(h, nodes, row_bytes, profile)
+                       for name, h in hops.items()}
+            figures.append({"ep": ep, "experts": experts, "topk": topk,
+                            "nodes": -(-ep // args.model_gpus_per_node),
+                            "rank_dedup": seconds["rank"] / seconds["megatron"],
+                            "node_dedup": seconds["node"] / seconds["megatron"]})
+    return figures
+
+
+def print_scale(figures, args) -> None:
+    print(f"\nmodelled on {args.model_gpu} ({args.model_gpus_per_node} GPUs per node, "
+          f"{args.model_tokens} tokens x {args.model_hidden} bf16 per rank, uniform routing): "
+          "dispatch + combine time over Megatron's")
+    print(f"{'EP':>4s} {'nodes':>5s} {'experts':>7s} {'top-k':>5s} {'rank-level':>10s} "
+          f"{'node-level':>10s}")
+    for f in figures:
+        print(f"{f['ep']:4d} {f['nodes']:5d} {f['experts']:7d} {f['topk']:5d} "
+              f"{f['rank_dedup']:10.2f} {f['node_dedup']:10.2f}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=1024, help="tokens per rank before TP split")
@@ -346,9 +416,21 @@ def main(argv=None) -> int:
                    help="tokens per rank the modelled time scales the measured rows to")
     p.add_argument("--model-hidden", type=int, default=7168,
                    help="hidden size (bf16) of the modelled rows")
+    p.add_argument("--model-gpus-per-node", type=int, default=8,
+                   help="GPUs per node of the modelled table at scale")
+    p.add_argument("--model-only", action="store_true",
+                   help="only the modelled table at EP 8-64 (no ranks spawned)")
     p.add_argument("--planning-only", action="store_true",
                    help="only the one-rank planning table (no ranks spawned)")
     args = p.parse_args(argv)
+    from folding.cost.hardware import get_profile
+
+    profile = get_profile(args.model_gpu)
+    if args.model_only:
+        scale = scale_table(args, profile)
+        print_scale(scale, args)
+        print(json.dumps({"model_at_scale": scale}))
+        return 0
     if args.planning_only:
         figures = planning_table(min(args.repeats, 5) if args.quick else args.repeats)
         worst = print_planning(figures)
@@ -382,9 +464,6 @@ def main(argv=None) -> int:
             labels.append(("TP1 EP8", topk, half))
     options = {"tokens": args.tokens, "repeats": 3 if args.quick else args.repeats,
                "gpus_per_node": args.gpus_per_node}
-    from folding.cost.hardware import get_profile
-
-    profile = get_profile(args.model_gpu)
     model_row_bytes = args.model_hidden * 2 * args.model_tokens / args.tokens
     start = time.time()
     per_rank = run_ranks(_rank_body, 8, cases, options, timeout_s=3600)
@@ -464,7 +543,10 @@ def main(argv=None) -> int:
           f"on held-out routing: {summary['placement_never_worse']}")
     planning = planning_table(3 if args.quick else 7)
     summary["max_planning_ratio"] = print_planning(planning)
-    print(json.dumps({"cases": figures, "planning": planning, "summary": summary}))
+    scale = scale_table(args, profile)
+    print_scale(scale, args)
+    print(json.dumps({"cases": figures, "planning": planning, "model_at_scale": scale,
+                      "summary": summary}))
     return 0
 
 
