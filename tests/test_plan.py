@@ -128,6 +128,10 @@ def test_dispatch_combine_time_of_a_relayed_token():
                [[0, 0, 0, 0], [0, 0, 0, 1]], [[0, 0, 0, 0], [0, 0, 0, 0]]]
     assert comm.dispatch_combine_time(relayed, nodes, row, hw) == pytest.approx(
         peers + 2 * (peers + 1e6 / adapter) + 2 * (peers + 1e6 / nvlink))
+    # Point to point, each hop pays a latency for its one peer only: the network's for the
+    # crossing, NVLink's inside the node.
+    assert comm.dispatch_combine_time(relayed, nodes, row, hw, point_to_point=True) == (
+        pytest.approx(peers + 2 * (10e-6 + 1e6 / adapter) + 2 * (5e-6 + 1e6 / nvlink)))
 
 
 def test_roofline_gemm_by_hand():

@@ -16,7 +16,8 @@ alpha-beta model (``folding.cost.comm.dispatch_combine_time``, a profile of ``fo
 ``--model-gpu``): every rank's measured rows per destination and hop, scaled to
 ``--model-tokens`` tokens per rank of ``--model-hidden`` bf16 values, each all-to-all of
 dispatch and combine (and the count exchange) as long as its busiest NVLink or adapter plus a
-latency per peer, on the bench's nodes. 8 gloo ranks sharing 2 cores have no slow link between
+latency per peer (every rank of the EP group for a collective; for the relay's point-to-point
+hops only the peers with rows), on the bench's nodes. 8 gloo ranks sharing 2 cores have no slow link between
 their simulated nodes: the bytes node-level deduplication saves cost nothing there, while each
 extra collective costs its scheduling latency; the model is what the bytes would cost where
 they do. It is a prediction with the profile's assumed efficiencies, not a measurement. The
@@ -178,7 +179,9 @@ def _totals(per_rank, case_index, model=None):
                                                   for i in range(len(runs[0]["times"])))}
         if model is not None:
             by_ep_rank = [r["rows_per_hop"] for r in sorted(runs, key=lambda r: r["ep_rank"])]
-            out[name]["modelled_s"] = comm.dispatch_combine_time(by_ep_rank, *model)
+            relayed = len(by_ep_rank[0]) == 2  # the relay's hops run point to point
+            out[name]["modelled_s"] = comm.dispatch_combine_time(by_ep_rank, *model,
+                                                                 point_to_point=relayed)
     return out
 
 
@@ -384,7 +387,8 @@ def scale_table(args, profile) -> list:
             hops = rows_per_hop_at_scale(ep, experts, topk, args.model_gpus_per_node,
                                          args.model_tokens)
             nodes = [r // args.model_gpus_per_node for r in range(ep)]
-            seconds = {name: comm.dispatch_combine_time(h, nodes, row_bytes, profile)
+            seconds = {name: comm.dispatch_combine_time(h, nodes, row_bytes, profile,
+                                                        point_to_point=name == "node")
                        for name, h in hops.items()}
             figures.append({"ep": ep, "experts": experts, "topk": topk,
                             "nodes": -(-ep // args.model_gpus_per_node),

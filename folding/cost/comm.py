@@ -106,12 +106,15 @@ def all_to_all_time(bytes_per_rank: float, span: Span, hw: HardwareProfile,
 
 def exchange_time(sent: np.ndarray, rank_node: np.ndarray, hw: HardwareProfile,
                   nvlink_efficiency: Optional[float] = None,
-                  network_efficiency: Optional[float] = None) -> float:
+                  network_efficiency: Optional[float] = None,
+                  point_to_point: bool = False) -> float:
     """All-to-all in which rank i sends ``sent[i, j]`` bytes to rank j (any spread: a dispatcher's
     measured sends), ranks on the nodes ``rank_node`` says. Each rank sends and receives over
     NVLink inside its node and through its adapter across nodes, both at once; the exchange
-    lasts as long as its busiest link of any rank, plus a latency per peer. On an even spread it
-    is ``all_to_all_time``."""
+    lasts as long as its busiest link of any rank, plus a latency per peer: every other rank of
+    the group for a collective (on an even spread this is ``all_to_all_time``), or, with
+    ``point_to_point``, only the peers a rank sends to or receives from, at NVLink latency when
+    they are all on its node."""
     sent = np.asarray(sent, dtype=np.float64)
     n = sent.shape[0]
     if n <= 1:
@@ -125,22 +128,31 @@ def exchange_time(sent: np.ndarray, rank_node: np.ndarray, hw: HardwareProfile,
     busiest = max(intra.sum(axis=1).max(), intra.sum(axis=0).max()) / nvlink
     if across.any():
         busiest = max(busiest, inter.sum(axis=1).max() / network, inter.sum(axis=0).max() / network)
-    span = Span(n, len(np.unique(node)))
-    return latency(span, hw) * (n - 1) + busiest
+    if not point_to_point:
+        return latency(Span(n, len(np.unique(node))), hw) * (n - 1) + busiest
+    talks = (sent > 0) | (sent.T > 0)
+    np.fill_diagonal(talks, False)
+    peers = talks.sum(axis=1)
+    remote = (talks & across).any(axis=1)
+    per_peer = np.where(remote, hw.network_latency_us, hw.nvlink_latency_us) * 1e-6
+    return float((peers * per_peer).max()) + busiest
 
 
 def dispatch_combine_time(rows_per_hop: Sequence[Sequence[Sequence[float]]], rank_node,
-                          row_bytes: float, hw: HardwareProfile) -> float:
+                          row_bytes: float, hw: HardwareProfile,
+                          point_to_point: bool = False) -> float:
     """A token dispatcher's dispatch and combine over an EP group: ``rows_per_hop[i][h][j]``
     rows of ``row_bytes`` that rank i sends to rank j in its h-th all-to-all of the dispatch
     (one hop for direct sends, two when relayed through one rank per node); combine sends every
-    hop back, in reverse. The count exchange before the rows costs its latency."""
+    hop back, in reverse. The count exchange before the rows, a collective, costs its latency;
+    ``point_to_point``: the hops exchange with the peers that have rows only (``exchange_time``)."""
     n = len(rows_per_hop)
     nodes = np.asarray(rank_node)
     total = latency(Span(n, len(np.unique(nodes))), hw) * (n - 1)
     for hop in range(len(rows_per_hop[0])):
         sent = np.array([rank[hop] for rank in rows_per_hop], dtype=np.float64) * row_bytes
-        total += exchange_time(sent, nodes, hw) + exchange_time(sent.T, nodes, hw)
+        total += (exchange_time(sent, nodes, hw, point_to_point=point_to_point)
+                  + exchange_time(sent.T, nodes, hw, point_to_point=point_to_point))
     return total
 
 

@@ -11,8 +11,11 @@ mask appended when they share a dtype, else the weights in their own message, so
 states never round fp32 weights), then, with ETP > 1, an all-gather of the received rows over
 the expert-TP group and a reduce-scatter of the outputs: the same collectives as Megatron's alltoall
 dispatcher, through Megatron's own autograd-aware mappings, so it runs on NCCL and on gloo
-(with the CPU runtime) unchanged. Token dropping happens in Megatron's router before dispatch,
-so capacity, drop policies and padding behave exactly as with Megatron's dispatchers.
+(with the CPU runtime) unchanged. With node-level deduplication the two hops of the relay
+(to one rank of each remote node and to the ranks of this node; inside the node) each have
+few peers, so they run point to point with those peers only (``peer_exchange``). Token
+dropping happens in Megatron's router before dispatch, so capacity, drop policies and padding
+behave exactly as with Megatron's dispatchers.
 
 Host waits: the plan is made on the data's device (``send_plan``), and the sizes the host must
 know (rows per destination, rows and pairs received, the ETP peers' rows) travel as one small
@@ -32,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from folding.dispatcher.counters import TrafficCounters
+from folding.dispatcher.peer_exchange import peer_all_to_all
 from folding.dispatcher.send_plan import (NodeLayout, SlotMap, choose_slots, count_sends,
                                           expand_received, plan_forward, plan_relay_rows,
                                           plan_rows, relay_counts, relay_sends)
@@ -204,14 +208,12 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
         """Rows with their weights and routed-pair mask through one all-to-all (and the ETP
         all-gather): the weights and mask travel in the weights' dtype (0/1 is exact), in the
         hidden states' message when the dtypes agree (fp32), one collective fewer."""
-        from megatron.core.tensor_parallel import all_to_all
-
         width = probs.shape[1]
         payload = torch.cat([probs, mask.to(probs.dtype)], dim=1)
         together = payload.dtype == rows.dtype
         hidden_width = rows.shape[-1]
         messages = [torch.cat([rows, payload], dim=1)] if together else [rows, payload]
-        messages = [all_to_all(self.ep_group, m, output_splits, input_splits) for m in messages]
+        messages = [self._all_to_all(m, output_splits, input_splits) for m in messages]
         if gather_tp and self.tp_size > 1:
             from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
@@ -269,14 +271,22 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
         return out.to(hidden_states.dtype)
 
     def token_combine(self, hidden_states: torch.Tensor, *args, **kwargs):
-        from megatron.core.tensor_parallel import all_to_all
-
-        out = all_to_all(self.ep_group, hidden_states, self.input_splits, self.output_splits)
+        out = self._all_to_all(hidden_states, self.input_splits, self.output_splits)
         if self.node_dedup:
             # Each first-hop row's sum over the ranks it was forwarded to, sent home once.
             out = _sum_rows(out, self.relay_source, self.relayed_rows).to(hidden_states.dtype)
-            out = all_to_all(self.ep_group, out, self.relay_input_splits, self.relay_output_splits)
+            out = self._all_to_all(out, self.relay_input_splits, self.relay_output_splits)
         return out
+
+    def _all_to_all(self, tensor: torch.Tensor, output_splits, input_splits) -> torch.Tensor:
+        """Rows over the EP group, with autograd: Megatron's all-to-all, or, relaying, point to
+        point with the peers that have rows (each hop of a relay has few: ``peer_exchange``)."""
+        if self.node_dedup:
+            return peer_all_to_all(tensor, output_splits, input_splits, self.ep_global_ranks,
+                                   self.ep_rank)
+        from megatron.core.tensor_parallel import all_to_all
+
+        return all_to_all(self.ep_group, tensor, output_splits, input_splits)
 
     def combine_postprocess(self, hidden_states: torch.Tensor):
         tokens = self.hidden_shape.numel() // self.hidden_shape[-1]
