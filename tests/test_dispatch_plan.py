@@ -285,3 +285,19 @@ def test_bench_model_rows_deliver_every_pair_once_and_cross_once_per_node():
     delivered = torch.tensor([hops["rank"][r][0] for r in range(ep)]).sum(dim=0)
     assert second.sum(dim=0).tolist() == delivered.tolist()
     assert all(second[r, node != node[r]].sum() == 0 for r in range(ep))
+
+
+def test_relayed_rows_are_put_back_in_source_order():
+    """Rank 1 of two nodes of 2: rows arrive through rank 0 (from rank 2, its rail) and through
+    itself (from ranks 0, 1 and 3), for each of two ETP peers; the order sorts them by (peer,
+    source), each source's rows in arrival order."""
+    from folding.dispatcher.send_plan import NodeLayout, order_by_source
+
+    layout = NodeLayout(torch.tensor([0, 0, 1, 1]), own_rank=1)
+    assert layout.arrival_order.tolist() == [2, 0, 1, 3]
+    rows = torch.tensor([[1, 2, 3, 1], [0, 1, 1, 2]])  # [peer, source]
+    # Arrival: peer 0: source 2 (3 rows), 0 (1), 1 (2), 3 (1); peer 1: 2 (1), 1 (1), 3 (2).
+    arrived_source = [2, 2, 2, 0, 1, 1, 3, 12, 11, 13, 13]
+    order = order_by_source(rows, layout.arrival_order, 11)
+    assert [arrived_source[i] for i in order.tolist()] == sorted(arrived_source)
+    assert order.tolist()[:4] == [3, 4, 5, 0]  # source 0, then 1's two rows in order, then 2

@@ -201,3 +201,59 @@ def test_bad_placements_are_refused_before_anything_runs(tmp_path, edit, message
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def _two_placements(rank, world, placement_path):
+    import torch.distributed as dist
+
+    from folding.megatron.cpu_runtime import enable
+    from folding.megatron.groups import destroy, initialize
+    from folding.recipe import load_recipe
+    from folding.testing.dispatcher_harness import build_layer, run_layer
+
+    enable()
+    recipe = load_recipe("tiny-moe", tp=1, ep=8)
+    initialize(recipe.folding)
+    routing = MoERouting(dispatcher="folded")
+    layers = [build_layer(recipe.model, recipe.training, recipe.folding, routing, placement=p)
+              for p in (None, Placement.load(placement_path))]
+    grads = []
+    for layer in layers:
+        dispatcher = layer.token_dispatcher
+        assert dispatcher.node_dedup  # EP8 over two nodes of 4
+        per_rank = dispatcher.slots_per_rank
+        here = dispatcher.slot_map.slot_expert[dispatcher.ep_rank * per_rank:][:per_rank].tolist()
+        with torch.no_grad():  # every logical expert has the same weights in both layers
+            for local, expert in zip(layer.experts.local_experts, here):
+                g = torch.Generator().manual_seed(100 + expert)
+                for p in local.parameters():
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        grads.append(here)
+    layers[1].router.load_state_dict(layers[0].router.state_dict())
+    g = torch.Generator().manual_seed(7 + rank)
+    hidden, grad = torch.randn(16, 2, 128, generator=g), torch.randn(16, 2, 128, generator=g)
+    runs = [run_layer(layer, hidden, grad) for layer in layers]
+    by_expert = []
+    for here, run in zip(grads, runs):
+        per_expert = len(run.expert_grads) // len(here)
+        by_expert.append({e: run.expert_grads[i * per_expert:(i + 1) * per_expert]
+                          for i, e in enumerate(here)})
+    gathered = [None] * world
+    dist.all_gather_object(gathered, by_expert)
+    destroy()
+    same_grads = all(torch.equal(x, y)
+                     for e in range(8)
+                     for x, y in zip(next(r[0][e] for r in gathered if e in r[0]),
+                                     next(r[1][e] for r in gathered if e in r[1])))
+    return (torch.equal(runs[0].output, runs[1].output),
+            torch.equal(runs[0].input_grad, runs[1].input_grad), same_grads)
+
+
+def test_where_an_expert_lives_changes_no_bit(tmp_path):
+    """With node-level deduplication, experts moved across nodes (expert e on rank 7 - e) give
+    the same outputs, input gradients and expert gradients to the bit as the contiguous layout:
+    each expert takes its rows in the same order wherever it lives, so re-placement during
+    training changes nothing at all (top-2, fp32)."""
+    path = tmp_path / "reversed.json"
+    Placement(8, 4, 8, 1, 4, np.tile(np.arange(8)[::-1], (4, 1))).validate().save(path)
+    assert run_ranks(_two_placements, 8, str(path), timeout_s=600) == [(True, True, True)] * 8

@@ -236,6 +236,9 @@ class NodeLayout:
         """int64 [P]: the rank of this rank's node that forwards each rank's rows to this one:
         for a rank of another node, its gateway here; for a rank of this node, which sends
         directly, this rank itself."""
+        self.arrival_order = torch.argsort(self.source_gateway * len(nodes) + source)
+        """int64 [P]: the sources in the order their rows arrive in the second hop: by the rank
+        that forwards them, then by source."""
 
     @property
     def active(self) -> bool:
@@ -294,6 +297,21 @@ def plan_relay_rows(hop: torch.Tensor, slot_routed: torch.Tensor, layout: NodeLa
     return SendPlan(row_token=row_token,
                     row_mask=slot_routed[row_token.view(-1, 1), columns] & keep,
                     row_columns=columns)
+
+
+def order_by_source(rows_by_source: torch.Tensor, arrival_order: torch.Tensor,
+                    rows: int) -> torch.Tensor:
+    """int64 [rows]: the permutation that puts a relayed dispatch's received rows in (ETP peer,
+    source) order, each source's rows keeping their (token) order. ``rows_by_source`` [ETP, P]:
+    rows from each source as each ETP peer received them, which arrive by forwarding rank, then
+    source (``NodeLayout.arrival_order``); ``rows``: their total, known on the host."""
+    peers, ranks = rows_by_source.shape
+    device = rows_by_source.device
+    arrival_order = arrival_order.to(device)
+    sizes = rows_by_source[:, arrival_order].reshape(-1)
+    labels = (torch.arange(peers, device=device).view(-1, 1) * ranks + arrival_order).reshape(-1)
+    key = torch.repeat_interleave(labels, sizes, output_size=rows)
+    return torch.sort(key, stable=True).indices
 
 
 def plan_forward(node_mask: torch.Tensor, ranks_per_node: int, rows: int):

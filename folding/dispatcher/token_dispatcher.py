@@ -38,7 +38,8 @@ from folding.dispatcher.counters import TrafficCounters
 from folding.dispatcher.peer_exchange import peer_all_to_all
 from folding.dispatcher.send_plan import (NodeLayout, SlotMap, choose_slots, count_sends,
                                           expand_received, plan_forward, plan_relay_rows,
-                                          plan_rows, relay_counts, relay_sends)
+                                          order_by_source, plan_rows, relay_counts,
+                                          relay_sends)
 from folding.errors import FoldingError
 
 try:
@@ -162,7 +163,10 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
             0, nodes.source_gateway.to(device), arrived[:, 1:1 + width])
         for rows in (first_hop, to_members):  # both hops cross links
             self.counters.record_rows(rows, hidden, self.ep_rank, self.rank_node)
-        return [first_hop, first_hop_in, to_members, self._gather_tp(received)]
+        # The rows reaching this rank from each source, to put them back in source order.
+        gathered = self._gather_tp(torch.cat([received, arrived[:, 1:2]], dim=1))
+        self._rows_by_source = gathered[:, :, width]
+        return [first_hop, first_hop_in, to_members, gathered]
 
     def _start_copy(self, counts: torch.Tensor) -> None:
         if counts.is_cuda:
@@ -187,7 +191,7 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
         ranks, width = self.ep_size, 1 + self.slots_per_rank
         if self.node_dedup:
             first_hop, first_hop_in, to_members = host[:3 * ranks].view(3, ranks).tolist()
-            host = host[3 * ranks:]
+            host = host[3 * ranks:].view(-1, ranks, width + 1)[:, :, :width]
             self.relay_input_splits, self.relay_output_splits = first_hop, first_hop_in
             self.input_splits = to_members
             self.relayed_rows = sum(first_hop_in)
@@ -197,12 +201,15 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
             self.input_splits = host[:ranks].tolist()
             host = host[ranks:]
             self.plan = plan_rows(self.sends, self.slot_routed, sum(self.input_splits))
-        received = host.view(-1, ranks, width)
+        received = host.reshape(-1, ranks, width)
         self.output_splits = received[self.tp_rank_in_group, :, 0].tolist()
         self.tp_splits = received[:, :, 0].sum(dim=1).tolist()
         self.received_rows = sum(self.tp_splits)
         self.tokens_per_slot = received[:, :, 1:].sum(dim=(0, 1))
         self.received_pairs = int(self.tokens_per_slot.sum())
+        if self.node_dedup:
+            self.source_order = order_by_source(self._rows_by_source, self.nodes.arrival_order,
+                                                self.received_rows)
 
     def _exchange(self, rows, probs, mask, output_splits, input_splits, gather_tp: bool):
         """Rows with their weights and routed-pair mask through one all-to-all (and the ETP
@@ -254,7 +261,16 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
         return received, received_probs
 
     def dispatch_postprocess(self, hidden_states: torch.Tensor, probs: torch.Tensor):
-        rows, local = expand_received(self.received_mask, self.received_pairs)
+        if self.node_dedup:
+            # Relayed rows arrive by forwarding rank, which depends on where an expert lives;
+            # each expert takes them in source order, as without the relay, so that its batch
+            # (and the order its weight gradient sums over) does not depend on the placement.
+            order = self.source_order
+            rows, local = expand_received(self.received_mask.index_select(0, order),
+                                          self.received_pairs)
+            rows = order[rows]
+        else:
+            rows, local = expand_received(self.received_mask, self.received_pairs)
         self.pair_rows = rows
         self.counters.record_received(self.received_pairs)
         return hidden_states.index_select(0, rows), self.tokens_per_slot, probs[rows, local]
