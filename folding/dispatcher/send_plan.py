@@ -14,12 +14,28 @@ lives on EP rank s // S and holds logical expert ``slot_expert[s]``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import List
 
 import torch
 
 
-class SlotMap:
+class _OnDevices:
+    """Host tensors built once, with a copy on each device the data uses: ``on(device)``
+    makes it the first time (a copy from host memory can wait for the device) and reuses it."""
+
+    def on(self, device: torch.device):
+        device = torch.device(device)
+        copies = self.__dict__.setdefault("_devices", {torch.device("cpu"): self})
+        if device not in copies:
+            copy = object.__new__(type(self))
+            copy.__dict__.update({k: (v.to(device) if isinstance(v, torch.Tensor) else v)
+                                  for k, v in self.__dict__.items() if k != "_devices"})
+            copy._devices = copies
+            copies[device] = copy
+        return copies[device]
+
+
+class SlotMap(_OnDevices):
     """One MoE layer's placement, as tensors, with what every dispatch needs precomputed.
 
     Built on the host when a placement is set (never in a step); ``on(device)`` gives the copy
@@ -54,17 +70,6 @@ class SlotMap:
         """bool [P*S]: the slot's expert has no other slot."""
         self.identity = bool(torch.equal(slot_expert, torch.arange(slot_expert.numel(), device="cpu")))
         """Slot s holds expert s (Megatron's contiguous layout): the routing map is the plan."""
-        self._devices: Dict[torch.device, "SlotMap"] = {torch.device("cpu"): self}
-
-    def on(self, device: torch.device) -> "SlotMap":
-        device = torch.device(device)
-        if device not in self._devices:
-            copy = object.__new__(SlotMap)
-            copy.__dict__.update({k: (v.to(device) if isinstance(v, torch.Tensor) else v)
-                                  for k, v in self.__dict__.items() if k != "_devices"})
-            copy._devices = self._devices
-            self._devices[device] = copy
-        return self._devices[device]
 
 
 def choose_slots(routing_map: torch.Tensor, slots: SlotMap, own_rank: int) -> torch.Tensor:
@@ -197,7 +202,7 @@ def expand_received(row_mask: torch.Tensor, pairs: int):
     return cells - local * rows, local
 
 
-class NodeLayout:
+class NodeLayout(_OnDevices):
     """Where the EP ranks sit, for node-level deduplication: a token goes once to each remote
     node that hosts one of its experts, to one rank there (its gateway), which forwards it to
     the ranks of its node that need it; inside its own node it goes directly to each rank that
@@ -268,8 +273,7 @@ def relay_counts(rank_counts: torch.Tensor, hop_rows: torch.Tensor,
     per_node = layout.ranks_per_node
     forward = torch.zeros(ranks, per_node, width, dtype=rank_counts.dtype,
                           device=rank_counts.device)
-    forward[layout.gateways.to(rank_counts.device)] = rank_counts.view(layout.num_nodes,
-                                                                        per_node, width)
+    forward[layout.gateways] = rank_counts.view(layout.num_nodes, per_node, width)
     first = layout.own_node * per_node
     members = torch.arange(per_node, device=rank_counts.device)
     forward[first:first + per_node] = 0  # this rank is its own node's gateway: not here
@@ -307,7 +311,6 @@ def order_by_source(rows_by_source: torch.Tensor, arrival_order: torch.Tensor,
     source (``NodeLayout.arrival_order``); ``rows``: their total, known on the host."""
     peers, ranks = rows_by_source.shape
     device = rows_by_source.device
-    arrival_order = arrival_order.to(device)
     sizes = rows_by_source[:, arrival_order].reshape(-1)
     labels = (torch.arange(peers, device=device).view(-1, 1) * ranks + arrival_order).reshape(-1)
     key = torch.repeat_interleave(labels, sizes, output_size=rows)

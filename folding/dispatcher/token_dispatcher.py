@@ -149,9 +149,9 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
         """Counts of both hops in one exchange: first-hop rows to each remote node's gateway and
         to each rank of this node; what each rank will forward to each rank of its node; what
         each rank will receive, by the rank that forwards it."""
-        nodes, width = self.nodes, 1 + self.slots_per_rank
-        self.hop_sent = relay_sends(self.sends.sent, nodes)
         device = rank_counts.device
+        nodes, width = self.nodes.on(device), 1 + self.slots_per_rank
+        self.hop_sent = relay_sends(self.sends.sent, nodes)
         message = relay_counts(rank_counts, self.hop_sent.sum(dim=0), nodes)
         arrived = self._all_to_all_counts(message)
         first_hop, first_hop_in = message[:, 0], arrived[:, 0]
@@ -160,7 +160,7 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
         first = nodes.own_node * nodes.ranks_per_node
         to_members[first:first + nodes.ranks_per_node] = relayed[:, 0]
         received = torch.zeros(self.ep_size, width, dtype=relayed.dtype, device=device).index_add_(
-            0, nodes.source_gateway.to(device), arrived[:, 1:1 + width])
+            0, nodes.source_gateway, arrived[:, 1:1 + width])
         for rows in (first_hop, to_members):  # both hops cross links
             self.counters.record_rows(rows, hidden, self.ep_rank, self.rank_node)
         # The rows reaching this rank from each source, to put them back in source order.
@@ -195,7 +195,8 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
             self.relay_input_splits, self.relay_output_splits = first_hop, first_hop_in
             self.input_splits = to_members
             self.relayed_rows = sum(first_hop_in)
-            self.plan = plan_relay_rows(self.hop_sent, self.slot_routed, self.nodes,
+            self.plan = plan_relay_rows(self.hop_sent, self.slot_routed,
+                                        self.nodes.on(self.hop_sent.device),
                                         sum(self.relay_input_splits))
         else:
             self.input_splits = host[:ranks].tolist()
@@ -208,8 +209,9 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
         self.tokens_per_slot = received[:, :, 1:].sum(dim=(0, 1))
         self.received_pairs = int(self.tokens_per_slot.sum())
         if self.node_dedup:
-            self.source_order = order_by_source(self._rows_by_source, self.nodes.arrival_order,
-                                                self.received_rows)
+            self.source_order = order_by_source(
+                self._rows_by_source, self.nodes.on(self._rows_by_source.device).arrival_order,
+                self.received_rows)
 
     def _exchange(self, rows, probs, mask, output_splits, input_splits, gather_tp: bool):
         """Rows with their weights and routed-pair mask through one all-to-all (and the ETP
