@@ -182,14 +182,21 @@ def plan_rows(sends: SendCounts, slot_routed: torch.Tensor, rows: int) -> SendPl
     Rows are the (destination, token) cells of the [P, T] send mask in row-major order, so they
     come grouped by destination; a static-size nonzero finds them without a host wait.
     """
-    tokens, num_ranks = sends.sent.shape
+    num_ranks = sends.sent.shape[1]
     per_rank = slot_routed.shape[1] // num_ranks
-    cells = torch.nonzero_static(sends.sent.t().reshape(-1), size=rows).view(-1)
-    dest = cells // tokens
-    row_token = cells - dest * tokens
-    columns = dest.view(-1, 1) * per_rank + torch.arange(per_rank, device=cells.device)
+    dest, row_token = _rows_by_destination(sends.sent, rows)
+    columns = dest.view(-1, 1) * per_rank + torch.arange(per_rank, device=dest.device)
     return SendPlan(row_token=row_token, row_mask=slot_routed[row_token.view(-1, 1), columns],
                     row_columns=columns)
+
+
+def _rows_by_destination(sent: torch.Tensor, rows: int):
+    """(destination, token) of each set cell of the [T, P] send mask, grouped by destination in
+    token order; a static-size nonzero (``rows``: the count, known on the host), no host wait."""
+    tokens = sent.shape[0]
+    cells = torch.nonzero_static(sent.t().reshape(-1), size=rows).view(-1)
+    dest = cells // tokens
+    return dest, cells - dest * tokens
 
 
 def expand_received(row_mask: torch.Tensor, pairs: int):
@@ -287,15 +294,12 @@ def plan_relay_rows(hop: torch.Tensor, slot_routed: torch.Tensor, layout: NodeLa
     """The first hop's rows (``hop`` from ``relay_sends``; ``rows`` its sum, known on the host),
     grouped by destination, each with the routing of all the slots of its destination's node;
     a row sent directly inside this rank's node keeps only its destination's slots."""
-    tokens, ranks = hop.shape
     span = slot_routed.shape[1] // layout.num_nodes
     per_rank = span // layout.ranks_per_node
-    cells = torch.nonzero_static(hop.t().reshape(-1), size=rows).view(-1)
-    dest = cells // tokens
-    row_token = cells - dest * tokens
+    dest, row_token = _rows_by_destination(hop, rows)
     node = dest // layout.ranks_per_node
-    columns = node.view(-1, 1) * span + torch.arange(span, device=cells.device)
-    member = torch.arange(span, device=cells.device) // per_rank
+    columns = node.view(-1, 1) * span + torch.arange(span, device=dest.device)
+    member = torch.arange(span, device=dest.device) // per_rank
     own_slots = member == (dest % layout.ranks_per_node).view(-1, 1)
     keep = own_slots | (node != layout.own_node).view(-1, 1)
     return SendPlan(row_token=row_token,

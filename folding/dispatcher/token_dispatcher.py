@@ -150,7 +150,9 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
         to each rank of this node; what each rank will forward to each rank of its node; what
         each rank will receive, by the rank that forwards it."""
         device = rank_counts.device
-        nodes, width = self.nodes.on(device), 1 + self.slots_per_rank
+        # The layout's tensors on the data's device, for this dispatch's relay plans.
+        self._nodes_here = nodes = self.nodes.on(device)
+        width = 1 + self.slots_per_rank
         self.hop_sent = relay_sends(self.sends.sent, nodes)
         message = relay_counts(rank_counts, self.hop_sent.sum(dim=0), nodes)
         arrived = self._all_to_all_counts(message)
@@ -195,8 +197,7 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
             self.relay_input_splits, self.relay_output_splits = first_hop, first_hop_in
             self.input_splits = to_members
             self.relayed_rows = sum(first_hop_in)
-            self.plan = plan_relay_rows(self.hop_sent, self.slot_routed,
-                                        self.nodes.on(self.hop_sent.device),
+            self.plan = plan_relay_rows(self.hop_sent, self.slot_routed, self._nodes_here,
                                         sum(self.relay_input_splits))
         else:
             self.input_splits = host[:ranks].tolist()
@@ -209,9 +210,9 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
         self.tokens_per_slot = received[:, :, 1:].sum(dim=(0, 1))
         self.received_pairs = int(self.tokens_per_slot.sum())
         if self.node_dedup:
-            self.source_order = order_by_source(
-                self._rows_by_source, self.nodes.on(self._rows_by_source.device).arrival_order,
-                self.received_rows)
+            self.source_order = order_by_source(self._rows_by_source,
+                                                self._nodes_here.arrival_order,
+                                                self.received_rows)
 
     def _exchange(self, rows, probs, mask, output_splits, input_splits, gather_tp: bool):
         """Rows with their weights and routed-pair mask through one all-to-all (and the ETP
