@@ -130,7 +130,8 @@ def test_deduplicated_plan_sends_each_token_once_per_rank():
     # Rows are grouped by destination; each row marks its routed local slots.
     assert rows.row_mask.tolist() == [[True, True], [True, False], [True, False], [False, True],
                                       [False, True], [True, True]]
-    assert rows.row_columns[:, 0].tolist() == [0, 0, 2, 4, 6, 6]
+    # Each row's block of slots is its destination's: token * ranks + rank.
+    assert rows.row_block.tolist() == [0, 4 + 0, 4 + 1, 8 + 2, 8 + 3, 12 + 3]
 
 
 def test_uniform_dedup_ratio_matches_the_closed_form():
@@ -240,7 +241,7 @@ def test_relayed_rows_cross_each_remote_node_once_and_reach_the_same_ranks():
     assert forward[3].tolist() == by_rank.counts[2:].tolist()
     rows = plan_relay_rows(hop, slot_routed, layout, int(hop.sum()))
     # A direct row carries only its destination's slots; a row to another node all of them.
-    direct, remote = rows.row_columns[:, 0] < 8, rows.row_columns[:, 0] >= 8
+    direct, remote = rows.row_block % 2 == 0, rows.row_block % 2 == 1  # blocks are nodes
     assert torch.equal(rows.row_mask[direct].sum(), slot_routed[:, :8].sum())
     node1 = rows.row_mask[remote]
     assert torch.equal(node1.sum(), slot_routed[:, 8:].sum())

@@ -166,14 +166,23 @@ def count_sends(slot_routed: torch.Tensor, slots_per_rank: int, num_ranks: int) 
 
 @dataclass
 class SendPlan:
-    """What one rank sends: one row per (token, destination rank), grouped by destination."""
+    """What one rank sends: one row per (token, destination), grouped by destination. A row
+    carries the routing of one block of W consecutive slots (its destination rank's, or with
+    node-level deduplication its destination node's)."""
 
     row_token: torch.Tensor
     """int64 [N]: the local token of each row."""
     row_mask: torch.Tensor
-    """bool [N, S]: the destination's local slots each row is routed to."""
-    row_columns: torch.Tensor
-    """int64 [N, S]: the slot (column of the routing in slot space) of each row's local slot."""
+    """bool [N, W]: the slots of the row's block it is routed to."""
+    row_block: torch.Tensor
+    """int64 [N]: the row's (token, block) as token * blocks + block: its row in the
+    [T * blocks, W] view of anything in slot space (``row_values``)."""
+
+
+def row_values(by_slot: torch.Tensor, plan: SendPlan) -> torch.Tensor:
+    """[N, W]: each row's values of its block of slots, from ``by_slot`` [T, P*S] (one
+    contiguous block per row: a single index_select, with autograd)."""
+    return by_slot.reshape(-1, plan.row_mask.shape[1]).index_select(0, plan.row_block)
 
 
 def plan_rows(sends: SendCounts, slot_routed: torch.Tensor, rows: int) -> SendPlan:
@@ -185,9 +194,10 @@ def plan_rows(sends: SendCounts, slot_routed: torch.Tensor, rows: int) -> SendPl
     num_ranks = sends.sent.shape[1]
     per_rank = slot_routed.shape[1] // num_ranks
     dest, row_token = _rows_by_destination(sends.sent, rows)
-    columns = dest.view(-1, 1) * per_rank + torch.arange(per_rank, device=dest.device)
-    return SendPlan(row_token=row_token, row_mask=slot_routed[row_token.view(-1, 1), columns],
-                    row_columns=columns)
+    block = row_token * num_ranks + dest
+    return SendPlan(row_token=row_token,
+                    row_mask=slot_routed.reshape(-1, per_rank).index_select(0, block),
+                    row_block=block)
 
 
 def _rows_by_destination(sent: torch.Tensor, rows: int):
@@ -298,13 +308,13 @@ def plan_relay_rows(hop: torch.Tensor, slot_routed: torch.Tensor, layout: NodeLa
     per_rank = span // layout.ranks_per_node
     dest, row_token = _rows_by_destination(hop, rows)
     node = dest // layout.ranks_per_node
-    columns = node.view(-1, 1) * span + torch.arange(span, device=dest.device)
+    block = row_token * layout.num_nodes + node
     member = torch.arange(span, device=dest.device) // per_rank
     own_slots = member == (dest % layout.ranks_per_node).view(-1, 1)
     keep = own_slots | (node != layout.own_node).view(-1, 1)
     return SendPlan(row_token=row_token,
-                    row_mask=slot_routed[row_token.view(-1, 1), columns] & keep,
-                    row_columns=columns)
+                    row_mask=slot_routed.reshape(-1, span).index_select(0, block) & keep,
+                    row_block=block)
 
 
 def order_by_source(rows_by_source: torch.Tensor, arrival_order: torch.Tensor,

@@ -6,16 +6,16 @@ of its experts, with a row of routing weights for that rank's local slots; the r
 the row into one input per local expert, runs the experts, sums the token's outputs and sends
 one row back. Expert e may live in any slot, or several (replicas), as a ``Placement`` says.
 
-Communication: all-to-all over the EP group (hidden states with the weights and the routed-pair
-mask appended when they share a dtype, else the weights in their own message, so 16-bit hidden
-states never round fp32 weights), then, with ETP > 1, an all-gather of the received rows over
-the expert-TP group and a reduce-scatter of the outputs: the same collectives as Megatron's alltoall
-dispatcher, through Megatron's own autograd-aware mappings, so it runs on NCCL and on gloo
-(with the CPU runtime) unchanged. With node-level deduplication the two hops of the relay
-(to one rank of each remote node and to the ranks of this node; inside the node) each have
-few peers, so they run point to point with those peers only (``peer_exchange``). Token
-dropping happens in Megatron's router before dispatch, so capacity, drop policies and padding
-behave exactly as with Megatron's dispatchers.
+Communication: all-to-all over the EP group (hidden states with the weights appended when they
+share a dtype, else the weights in their own message, so 16-bit hidden states never round fp32
+weights; a weight of ``UNROUTED`` marks a slot the row is not routed to), then, with ETP > 1, an
+all-gather of the received rows over the expert-TP group and a reduce-scatter of the outputs:
+the same collectives as Megatron's alltoall dispatcher, through Megatron's own autograd-aware
+mappings, so it runs on NCCL and on gloo (with the CPU runtime) unchanged. With node-level
+deduplication the two hops of the relay (to one rank of each remote node and to the ranks of
+this node; inside the node) each have few peers, so they run point to point with those peers
+only (``peer_exchange``). Token dropping happens in Megatron's router before dispatch, so
+capacity, drop policies and padding behave exactly as with Megatron's dispatchers.
 
 Host waits: the plan is made on the data's device (``send_plan``), and the sizes the host must
 know (rows per destination, rows and pairs received, the ETP peers' rows) travel as one small
@@ -39,7 +39,7 @@ from folding.dispatcher.peer_exchange import peer_all_to_all
 from folding.dispatcher.send_plan import (NodeLayout, SlotMap, choose_slots, count_sends,
                                           expand_received, plan_forward, plan_relay_rows,
                                           order_by_source, plan_rows, relay_counts,
-                                          relay_sends)
+                                          relay_sends, row_values)
 from folding.errors import FoldingError
 
 try:
@@ -48,6 +48,9 @@ except ImportError:  # pragma: no cover - megatron-core is a dependency
     MoETokenDispatcher = object
 
 HOST_WAIT_POINTS = ("dispatch_preprocess", "token_dispatch")
+UNROUTED = float("-inf")
+"""A row's weight for a slot it is not routed to, in the exchanged weights: never a router's
+probability, so a routed pair of weight 0 (padding) stays distinguishable."""
 
 
 def refuse_unsupported(config) -> None:
@@ -214,15 +217,16 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
                                                 self._nodes_here.arrival_order,
                                                 self.received_rows)
 
-    def _exchange(self, rows, probs, mask, output_splits, input_splits, gather_tp: bool):
-        """Rows with their weights and routed-pair mask through one all-to-all (and the ETP
-        all-gather): the weights and mask travel in the weights' dtype (0/1 is exact), in the
-        hidden states' message when the dtypes agree (fp32), one collective fewer."""
-        width = probs.shape[1]
-        payload = torch.cat([probs, mask.to(probs.dtype)], dim=1)
-        together = payload.dtype == rows.dtype
+    def _exchange(self, rows, probs, output_splits, input_splits, gather_tp: bool):
+        """Rows with their weights through one all-to-all (and the ETP all-gather). ``probs``
+        marks the slots a row is not routed to with ``UNROUTED`` (a routed pair may carry weight
+        0, as a padded one does, and must still be computed), so the weights alone say which
+        pairs to compute. They travel in the hidden states' message when the dtypes agree
+        (fp32), one collective fewer; else in their own, so 16-bit hidden states never round
+        fp32 weights. Returns the rows, their weights and the routed mask."""
+        together = probs.dtype == rows.dtype
         hidden_width = rows.shape[-1]
-        messages = [torch.cat([rows, payload], dim=1)] if together else [rows, payload]
+        messages = [torch.cat([rows, probs], dim=1)] if together else [rows, probs]
         messages = [self._all_to_all(m, output_splits, input_splits) for m in messages]
         if gather_tp and self.tp_size > 1:
             from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
@@ -230,37 +234,32 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
             messages = [gather_from_sequence_parallel_region(
                 m, group=self.tp_group, output_split_sizes=self.tp_splits) for m in messages]
         if together:
-            received, received_payload = messages[0].split([hidden_width, 2 * width], dim=1)
+            received, received_probs = messages[0].split([hidden_width, probs.shape[1]], dim=1)
         else:
-            received, received_payload = messages
-        received_probs, received_mask = received_payload.split(width, dim=1)
-        return received, received_probs, received_mask.detach() != 0
+            received, received_probs = messages
+        return received, received_probs, received_probs.detach() != UNROUTED
 
     def token_dispatch(self, hidden_states: torch.Tensor, probs: torch.Tensor):
         self._finish_copy()
-        plan, slot_expert = self.plan, self.slot_map.on(probs.device).slot_expert
+        plan, slots = self.plan, self.slot_map.on(probs.device)
         # Routing weights of each row for the destination's slots (a node's, with node-level
-        # deduplication); the mask marks routed pairs (a padded pair may carry weight 0 and must
-        # still be computed).
-        row_probs = probs[plan.row_token.view(-1, 1), slot_expert[plan.row_columns]]
-        row_probs = torch.where(plan.row_mask, row_probs, torch.zeros((), dtype=probs.dtype,
-                                                                      device=probs.device))
+        # deduplication), UNROUTED where the row is not routed.
+        by_slot = probs if slots.identity else probs.index_select(1, slots.slot_expert)
+        row_probs = torch.where(plan.row_mask, row_values(by_slot, plan),
+                                torch.full((), UNROUTED, dtype=probs.dtype, device=probs.device))
         rows = hidden_states.index_select(0, plan.row_token)
         if self.node_dedup:
-            rows, row_probs, mask = self._exchange(rows, row_probs, plan.row_mask,
-                                                   self.relay_output_splits,
+            rows, row_probs, mask = self._exchange(rows, row_probs, self.relay_output_splits,
                                                    self.relay_input_splits, gather_tp=False)
             # Forwarded inside the node: one row for each rank of it that hosts an expert of the
             # row (a row sent directly from this node names only this rank: a local copy).
-            shape = (rows.shape[0], self.nodes.ranks_per_node, self.slots_per_rank)
-            self.relay_source, member = plan_forward(mask, shape[1], sum(self.input_splits))
+            per_node, per_rank = self.nodes.ranks_per_node, self.slots_per_rank
+            self.relay_source, member = plan_forward(mask, per_node, sum(self.input_splits))
+            block = self.relay_source * per_node + member  # the destination's slots of the row
             rows = rows.index_select(0, self.relay_source)
-            row_probs = row_probs.view(shape)[self.relay_source, member]
-            plan_mask = mask.view(shape)[self.relay_source, member]
-        else:
-            plan_mask = plan.row_mask
+            row_probs = row_probs.reshape(-1, per_rank).index_select(0, block)
         received, received_probs, self.received_mask = self._exchange(
-            rows, row_probs, plan_mask, self.output_splits, self.input_splits, gather_tp=True)
+            rows, row_probs, self.output_splits, self.input_splits, gather_tp=True)
         return received, received_probs
 
     def dispatch_postprocess(self, hidden_states: torch.Tensor, probs: torch.Tensor):
