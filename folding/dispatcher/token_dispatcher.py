@@ -217,27 +217,31 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
                                                 self._nodes_here.arrival_order,
                                                 self.received_rows)
 
-    def _exchange(self, rows, probs, output_splits, input_splits, gather_tp: bool):
-        """Rows with their weights through one all-to-all (and the ETP all-gather). ``probs``
-        marks the slots a row is not routed to with ``UNROUTED`` (a routed pair may carry weight
-        0, as a padded one does, and must still be computed), so the weights alone say which
-        pairs to compute. They travel in the hidden states' message when the dtypes agree
-        (fp32), one collective fewer; else in their own, so 16-bit hidden states never round
-        fp32 weights. Returns the rows, their weights and the routed mask."""
-        together = probs.dtype == rows.dtype
-        hidden_width = rows.shape[-1]
-        messages = [torch.cat([rows, probs], dim=1)] if together else [rows, probs]
+    @staticmethod
+    def _pack(rows: torch.Tensor, probs: torch.Tensor) -> list:
+        """Rows and their weights as the messages of one exchange: one message when the dtypes
+        agree (fp32), one collective fewer; else two, so 16-bit hidden states never round fp32
+        weights. ``probs`` marks the slots a row is not routed to with ``UNROUTED`` (a routed
+        pair may carry weight 0, as a padded one does, and must still be computed), so the
+        weights alone say which pairs to compute."""
+        return [torch.cat([rows, probs], dim=1)] if probs.dtype == rows.dtype else [rows, probs]
+
+    @staticmethod
+    def _unpack(messages: list, hidden_width: int):
+        """(rows, weights) of ``_pack``'s messages."""
+        if len(messages) == 2:
+            return messages
+        return messages[0].split([hidden_width, messages[0].shape[1] - hidden_width], dim=1)
+
+    def _exchange(self, messages: list, output_splits, input_splits, gather_tp: bool) -> list:
+        """Each message through one all-to-all (and, ``gather_tp``, the ETP all-gather)."""
         messages = [self._all_to_all(m, output_splits, input_splits) for m in messages]
         if gather_tp and self.tp_size > 1:
             from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
             messages = [gather_from_sequence_parallel_region(
                 m, group=self.tp_group, output_split_sizes=self.tp_splits) for m in messages]
-        if together:
-            received, received_probs = messages[0].split([hidden_width, probs.shape[1]], dim=1)
-        else:
-            received, received_probs = messages
-        return received, received_probs, received_probs.detach() != UNROUTED
+        return messages
 
     def token_dispatch(self, hidden_states: torch.Tensor, probs: torch.Tensor):
         self._finish_copy()
@@ -247,19 +251,25 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
         by_slot = probs if slots.identity else probs.index_select(1, slots.slot_expert)
         row_probs = torch.where(plan.row_mask, row_values(by_slot, plan),
                                 torch.full((), UNROUTED, dtype=probs.dtype, device=probs.device))
-        rows = hidden_states.index_select(0, plan.row_token)
+        hidden_width = hidden_states.shape[-1]
+        messages = self._pack(hidden_states.index_select(0, plan.row_token), row_probs)
         if self.node_dedup:
-            rows, row_probs, mask = self._exchange(rows, row_probs, self.relay_output_splits,
-                                                   self.relay_input_splits, gather_tp=False)
-            # Forwarded inside the node: one row for each rank of it that hosts an expert of the
-            # row (a row sent directly from this node names only this rank: a local copy).
-            per_node, per_rank = self.nodes.ranks_per_node, self.slots_per_rank
-            self.relay_source, member = plan_forward(mask, per_node, sum(self.input_splits))
-            block = self.relay_source * per_node + member  # the destination's slots of the row
-            rows = rows.index_select(0, self.relay_source)
-            row_probs = row_probs.reshape(-1, per_rank).index_select(0, block)
-        received, received_probs, self.received_mask = self._exchange(
-            rows, row_probs, self.output_splits, self.input_splits, gather_tp=True)
+            messages = self._exchange(messages, self.relay_output_splits,
+                                      self.relay_input_splits, gather_tp=False)
+            node_probs = self._unpack(messages, hidden_width)[1].detach()
+            # Forwarded inside the node as received, with the weights of all its slots: one row
+            # for each rank of it that hosts an expert of the row (a local copy for this rank's;
+            # a row sent directly from this node names only this rank). Each rank reads its own
+            # slots' columns.
+            self.relay_source, _ = plan_forward(node_probs != UNROUTED,
+                                                self.nodes.ranks_per_node, sum(self.input_splits))
+            messages = [m.index_select(0, self.relay_source) for m in messages]
+        messages = self._exchange(messages, self.output_splits, self.input_splits, gather_tp=True)
+        received, received_probs = self._unpack(messages, hidden_width)
+        if self.node_dedup:
+            first = self.nodes.position * self.slots_per_rank
+            received_probs = received_probs[:, first:first + self.slots_per_rank]
+        self.received_mask = received_probs.detach() != UNROUTED
         return received, received_probs
 
     def dispatch_postprocess(self, hidden_states: torch.Tensor, probs: torch.Tensor):
