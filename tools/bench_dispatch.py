@@ -234,7 +234,7 @@ def folded_local_work(hidden, routing_map, probs, slots):
     """The folded dispatcher around its exchanges, on one rank (see the docstring)."""
     from folding.dispatcher.send_plan import (choose_slots, count_sends, expand_received, plan_rows,
                                               row_values)
-    from folding.dispatcher.token_dispatcher import _sum_rows
+    from folding.dispatcher.token_dispatcher import UNROUTED, _sum_rows
 
     per_rank = slots.slots_per_rank
     slot_routed = choose_slots(routing_map, slots, 0)
@@ -242,7 +242,7 @@ def folded_local_work(hidden, routing_map, probs, slots):
     counts = sends.counts.cpu()  # the one copy to the host
     plan = plan_rows(sends, slot_routed, int(counts[:, 0].sum()))
     by_slot = probs if slots.identity else probs.index_select(1, slots.slot_expert)
-    row_probs = torch.where(plan.row_mask, row_values(by_slot, plan), torch.zeros(()))
+    row_probs = torch.where(plan.row_mask, row_values(by_slot, plan), torch.full((), UNROUTED))
     rows = hidden.index_select(0, plan.row_token)
     pairs, local = expand_received(plan.row_mask, int(counts[:, 1:].sum()))
     outputs = rows.index_select(0, pairs) * row_probs[pairs, local].unsqueeze(-1)
