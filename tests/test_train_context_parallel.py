@@ -109,7 +109,10 @@ def test_help_names_the_cp_flags(cli):
 # ----------------------------------------------------------------------------- ranks
 
 
+# On megatron-core 0.19.2 context parallelism without Transformer Engine trains in Megatron's
+# own loop (test_megatron_loop), against Megatron without it: this run adds nothing there.
 @pytest.mark.megatron
+@pytest.mark.primary_only
 @pytest.mark.multiprocess
 @pytest.mark.timeout(600)
 def test_long_context_recipe_trains_with_cp4():
