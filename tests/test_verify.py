@@ -54,7 +54,8 @@ def reports(request):
             cases[(folding, name)] = VerifyCase(spec(FOLDINGS[folding]), MoERouting(**routing))
     for fault, (degrees, routing) in FAULTS.items():
         cases[("fault", fault)] = VerifyCase(spec(degrees), MoERouting(**routing), fault=fault)
-    keys = [k for k in cases if k in _selected_keys(request.session.items)]
+    selected = _selected_keys(request.session.items)
+    keys = [k for k in cases if k in selected]
     return dict(zip(keys, verify_many([cases[k] for k in keys])))
 
 
@@ -76,10 +77,7 @@ def _selected_keys(items):
 # On megatron-core 0.19.2 the alltoall dispatcher runs every folding; the allgather dispatcher,
 # token dropping and the broken runs (the plugin's own checks, proven on 0.16.1) add nothing
 # there that test_dispatcher's comparisons with Megatron's dispatchers do not.
-ON_PRIMARY_ONLY = pytest.mark.primary_only
-
-
-@pytest.mark.parametrize("dispatcher", ["alltoall", pytest.param("allgather", marks=ON_PRIMARY_ONLY)])
+@pytest.mark.parametrize("dispatcher", ["alltoall", pytest.param("allgather", marks=pytest.mark.primary_only)])
 @pytest.mark.parametrize("folding", list(FOLDINGS))
 def test_dropless_folding_equals_single_process(reports, folding, dispatcher):
     report = reports[(folding, dispatcher)]
@@ -92,7 +90,7 @@ def test_dropless_folding_equals_single_process(reports, folding, dispatcher):
     assert all(set(s.grad_rel_diff) == every == set(s.param_rel_diff) for s in report.steps)
 
 
-@ON_PRIMARY_ONLY
+@pytest.mark.primary_only
 @pytest.mark.parametrize("folding", ["TP2 DP4 | ETP1 EP4 EDP2", "TP2 DP4 | ETP2 EP4 EDP1"])
 @pytest.mark.parametrize("mode", list(DROPPING))
 def test_token_dropping_equals_single_process(reports, folding, mode):
@@ -102,7 +100,7 @@ def test_token_dropping_equals_single_process(reports, folding, mode):
     assert report.drops.compared == 3 * 4 * 2 * 8 and not report.drops.mismatches
 
 
-@ON_PRIMARY_ONLY
+@pytest.mark.primary_only
 @pytest.mark.parametrize("fault", list(FAULTS))
 def test_checker_fails_on_a_broken_run(reports, fault):
     report = reports[("fault", fault)]
@@ -114,7 +112,7 @@ def test_checker_fails_on_a_broken_run(reports, fault):
 
 
 @pytest.mark.smoke
-@ON_PRIMARY_ONLY
+@pytest.mark.primary_only
 def test_cli_refuses_a_sequence_cp_cannot_split_and_reports_json(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "folding", "verify", "--tp", "2", "--cp", "2",
                            "--ep", "4", "--etp", "1", "--seq-len", "36"], capture_output=True,
