@@ -38,14 +38,17 @@ def needs_megatron_training():
                                "job runs Megatron's training loop)")
 
 
-def launch(ranks: int, flags: List[str], env: Optional[Dict[str, str]] = None,
+def launch(ranks: int, flags: List[str], env: Optional[Dict[str, Optional[str]]] = None,
            timeout_s: float = 600, script: Path = SCRIPT, log: Optional[Path] = None
            ) -> subprocess.CompletedProcess:
+    """``folding megatron --cpu --nproc RANKS --json`` on ``script``; ``env`` adds to this
+    process's environment (a value of None removes the variable)."""
     command = [sys.executable, "-m", "folding.cli", "megatron", "--cpu", "--nproc", str(ranks),
                "--json", "--timeout", str(timeout_s)] + (["--log", str(log)] if log else []) + \
         ["--", str(script)] + list(flags)
+    environment = {k: v for k, v in dict(os.environ, **(env or {})).items() if v is not None}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout_s + 60,
-                          env=dict(os.environ, **(env or {})))
+                          env=environment)
 
 
 def indexed_corpus(directory: Path) -> str:

@@ -157,6 +157,37 @@ def test_a_failed_rank_stops_every_rank_and_is_named():
     assert max(line["iteration"] for line in result["iterations"]) < 6
 
 
+RANK_REPORT = """import json, os, sys, torch
+report = dict(rank=int(os.environ["RANK"]), world=int(os.environ["WORLD_SIZE"]),
+              threads=torch.get_num_threads(), launcher=os.getppid(),
+              command=open("/proc/self/cmdline").read().split("\\0"))
+print("rank report", json.dumps(report), flush=True)
+"""
+
+
+@pytest.mark.multiprocess
+def test_local_cpu_ranks_are_forks_of_the_checked_launcher(tmp_path):
+    """``--cpu --nproc N`` forks each rank from the launcher once its check has imported Megatron
+    (no rank imports it again): each rank runs in the launcher's command line, as a child of the
+    launcher, with its own rank, one OpenMP thread and its output forwarded."""
+    needs_megatron_training()
+    from megatron_loop import MODEL, TRAINING
+
+    script, log = tmp_path / "report.py", tmp_path / "ranks.log"
+    script.write_text(RANK_REPORT)
+    # Without OMP_NUM_THREADS the launcher's OpenMP takes every core, and a fork inherits that.
+    done = launch(2, MODEL + TRAINING + ["--train-iters", "2"], script=script, log=log,
+                  env={"OMP_NUM_THREADS": None})
+    assert done.returncode == 0, done.stderr[-2000:]
+    reports = sorted((json.loads(line.split("rank report ", 1)[1])
+                      for line in log.read_text().splitlines() if "rank report " in line),
+                     key=lambda r: r["rank"])
+    assert [r["rank"] for r in reports] == [0, 1]
+    assert {r["world"] for r in reports} == {2} and {r["threads"] for r in reports} == {1}
+    assert len({r["launcher"] for r in reports}) == 1 and reports[0]["launcher"] != os.getpid()
+    assert all("--nproc" in r["command"] for r in reports)
+
+
 # --------------------------------------------------------------------------- placements, checkpoints
 TP2_EP4 = FOLDINGS["tp2-sp-dp2_etp1-ep4"]
 # Two permutations of the 4 experts of each of the 4 MoE layers over EP4 (one slot per rank).

@@ -7,8 +7,9 @@ Two ways to start it, as Megatron users start pretrain_gpt.py:
   CPU runtime on with ``--cpu`` and runs the script as ``__main__``; the rendezvous is Megatron's
   own (env://);
 - with ``--nproc N``: ``launch_local`` first checks the folding once, in this process, then
-  starts N local ranks (each the per-rank form above), forwards their output, and stops every
-  rank as soon as one fails, naming it.
+  starts N local ranks (each the per-rank form above; with ``--cpu`` forks of the checking
+  process, which has Megatron imported by then), forwards their output, and stops every rank as
+  soon as one fails, naming it.
 
 With ``--cpu`` the flags Megatron needs to train on CPU are added unless given (``CPU_FLAGS``).
 """
@@ -82,7 +83,9 @@ def check_folding(script: str, argv: Sequence[str], world_size: int, cpu: bool) 
     _prepare_imports(script)
     # Megatron's import-time warnings (no Apex, no Transformer Engine) would bury the one line
     # this check exists to print; the ranks print them anyway.
-    logging.getLogger("megatron").setLevel(logging.ERROR)
+    megatron_logger = logging.getLogger("megatron")
+    level = megatron_logger.level
+    megatron_logger.setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         stack = contextlib.ExitStack()
@@ -96,6 +99,8 @@ def check_folding(script: str, argv: Sequence[str], world_size: int, cpu: bool) 
             except AssertionError as e:
                 raise FoldingError(f"Megatron's validate_args refuses the arguments: "
                                    f"{_assertion_text(e)}") from None
+            finally:
+                megatron_logger.setLevel(level)  # CPU ranks fork from this process
     training_hooks.check_arguments(args)
 
 
@@ -179,6 +184,80 @@ def _die_with_parent() -> None:
         pass
 
 
+class _ForkedRank:
+    """A CPU rank forked from the launcher once its check has imported Megatron, so no rank
+    imports it again (several CPU seconds per rank); what ``launch_local`` uses of ``Popen``."""
+
+    def __init__(self, script: str, argv: Sequence[str], env: Dict[str, str]):
+        read_end, write_end = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.pid = os.fork()
+        if self.pid == 0:  # the rank; it never returns into the launcher's code
+            os.close(read_end)
+            os.dup2(write_end, 1)
+            os.dup2(write_end, 2)
+            os.close(write_end)
+            _die_with_parent()
+            os._exit(self._run_rank(script, argv, env))
+        os.close(write_end)
+        self.stdout = os.fdopen(read_end, "rb")
+        self.returncode: Optional[int] = None
+
+    @staticmethod
+    def _run_rank(script: str, argv: Sequence[str], env: Dict[str, str]) -> int:
+        import atexit
+        import traceback
+
+        import torch
+
+        status = 1
+        try:
+            os.environ.clear()
+            os.environ.update(env)
+            # OpenMP read OMP_NUM_THREADS when the launcher imported torch, before this rank's
+            # environment existed.
+            torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+            status = run_rank(script, argv, cpu=True)
+        except BaseException:  # noqa: BLE001 - the launcher reads the reason from the output
+            traceback.print_exc()
+        finally:
+            try:
+                atexit._run_exitfuncs()  # what the interpreter's exit would have run
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+        return status
+
+    def poll(self) -> Optional[int]:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"rank process {self.pid}", timeout)
+            time.sleep(0.05)
+        return self.returncode
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def _signal(self, number: int) -> None:
+        if self.returncode is None:
+            try:
+                os.kill(self.pid, number)
+            except ProcessLookupError:
+                pass
+
+
 @dataclass
 class LocalRun:
     """What ``launch_local`` saw: each rank's exit status and the lines it printed."""
@@ -222,8 +301,10 @@ def launch_local(script: str, argv: Sequence[str], nproc: int, cpu: bool, echo: 
                  timeout_s: Optional[float] = None) -> LocalRun:
     """Start ``nproc`` local ranks running ``script`` under the plugin; stop all when one fails.
 
-    Each rank is ``python -m folding.cli megatron [--cpu] -- SCRIPT ARGS`` with torchrun's
-    environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
+    Each rank is the per-rank form (``run_rank``) with torchrun's environment (RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR, MASTER_PORT): with ``--cpu`` a fork of this process, which the check
+    left with Megatron imported; on GPUs a fresh ``python -m folding.cli megatron -- SCRIPT
+    ARGS``, since CUDA does not survive a fork.
     """
     from folding.run.launch import free_port
 
@@ -243,13 +324,17 @@ def launch_local(script: str, argv: Sequence[str], nproc: int, cpu: bool, echo: 
                    LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port))
         env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun does: ranks share the cores
-        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                preexec_fn=_die_with_parent)
+        if cpu:
+            procs.append(_ForkedRank(script, argv, env))
+        else:
+            procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, preexec_fn=_die_with_parent))
+    # Readers start once every rank is forked: a fork copies only the thread that forks.
+    for rank, proc in enumerate(procs):
         tail: Deque[str] = collections.deque(maxlen=60)
         reader = threading.Thread(target=_forward, args=(proc.stdout, rank, run.output, tail, echo),
                                   daemon=True)
         reader.start()
-        procs.append(proc)
         readers.append(reader)
         tails.append(tail)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
