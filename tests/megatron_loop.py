@@ -13,9 +13,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 import pytest
+
+if TYPE_CHECKING:
+    import torch
 
 SCRIPT = Path(__file__).parent / "scripts" / "pretrain_gpt_minimal.py"
 
@@ -49,6 +52,14 @@ def launch(ranks: int, flags: List[str], env: Optional[Dict[str, Optional[str]]]
     environment = {k: v for k, v in dict(os.environ, **(env or {})).items() if v is not None}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout_s + 60,
                           env=environment)
+
+
+def refusal(cli, ranks: int, flags: List[str]):
+    """``folding megatron --cpu --nproc RANKS`` in this process, for a run its check must refuse
+    before any rank starts (Megatron is imported once for all such tests, not once per launch):
+    (exit status, stdout, stderr). A check that wrongly passes stops at the timeout."""
+    return cli("megatron", "--cpu", "--nproc", str(ranks), "--json", "--timeout", "60", "--",
+               str(SCRIPT), *flags)
 
 
 def indexed_corpus(directory: Path) -> str:
@@ -97,7 +108,7 @@ def largest_relative_difference(a: Dict[int, float], b: Dict[int, float], iterat
     return max(abs(a[i] - b[i]) / max(abs(a[i]), abs(b[i])) for i in iterations)
 
 
-def checkpoint_tensors(folder: Path, scratch: Path) -> Dict[str, "torch.Tensor"]:
+def checkpoint_tensors(folder: Path, scratch: Path) -> Dict[str, torch.Tensor]:
     """Every floating-point tensor of one torch_dist checkpoint iteration folder, by its
     checkpoint name (``optimizer.state.exp_avg.<parameter>`` for Adam's moments with
     ``--dist-ckpt-optim-fully-reshardable``), read with torch's own DCP reader, no process group
@@ -113,7 +124,7 @@ def checkpoint_tensors(folder: Path, scratch: Path) -> Dict[str, "torch.Tensor"]
             if isinstance(v, torch.Tensor) and v.is_floating_point()}
 
 
-def largest_tensor_difference(a: Dict[str, "torch.Tensor"], b: Dict[str, "torch.Tensor"]
+def largest_tensor_difference(a: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor]
                               ) -> Dict[str, float]:
     """Per tensor name (both must have the same names): max |a - b| / max |b|."""
     assert sorted(a) == sorted(b), f"tensor names differ: {sorted(set(a) ^ set(b))[:5]}"

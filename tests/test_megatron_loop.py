@@ -13,7 +13,7 @@ import os
 import pytest
 
 from megatron_loop import (indexed_corpus, largest_relative_difference, launch, losses,
-                           needs_megatron_training, train)
+                           needs_megatron_training, refusal, train)
 
 pytestmark = [pytest.mark.megatron]
 
@@ -131,18 +131,19 @@ def test_a_bad_folding_is_refused_in_one_line_before_any_rank_starts():
     (["--folding-dispatcher", "--folding-placement", "{P}", "--ckpt-format", "torch",
       "--load", "{ckpt}"], "--ckpt-format torch: that format stores experts by slot"),
 ])
-def test_a_flag_the_folded_dispatcher_cannot_train_with_is_named(flags, named, tmp_path):
+def test_a_flag_the_folded_dispatcher_cannot_train_with_is_named(flags, named, tmp_path, cli):
     needs_megatron_training()
     from megatron_loop import MODEL, TRAINING
 
     flags = [f.format(P=_placement(tmp_path, "p", PLACEMENT_P), ckpt=tmp_path / "ckpt")
              for f in flags]
     dispatcher = [] if "--folding-placement" in flags else ["--folding-dispatcher"]
-    done = launch(4, MODEL + TRAINING + ["--train-iters", "2", "--expert-model-parallel-size", "4",
-                                         *dispatcher, *flags])
-    assert done.returncode == 2, done.stderr[-2000:]
-    lines = done.stderr.strip().splitlines()
+    code, out, err = refusal(cli, 4, MODEL + TRAINING + [
+        "--train-iters", "2", "--expert-model-parallel-size", "4", *dispatcher, *flags])
+    assert code == 2, err[-2000:]
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("folding megatron: error:") and named in lines[0]
+    assert "iteration" not in out
 
 
 @pytest.mark.multiprocess
@@ -347,12 +348,13 @@ def test_context_parallel_trains_as_megatron_without_it():
     (["--cp-comm-type", "a2a", "--num-query-groups", "1", "--group-query-attention"],
      "cp comm type a2a needs num_query_groups per TP rank divisible by CP"),
 ])
-def test_a_context_parallel_setting_the_plugin_cannot_run_is_refused_in_one_line(flags, named):
+def test_a_context_parallel_setting_the_plugin_cannot_run_is_refused_in_one_line(flags, named,
+                                                                                cli):
     needs_megatron_training()
     from megatron_loop import MODEL, TRAINING
 
-    done = launch(4, MODEL + TRAINING + ["--train-iters", "2", "--context-parallel-size", "2",
-                                         *flags])
-    assert done.returncode == 2, done.stderr[-2000:]
-    lines = done.stderr.strip().splitlines()
+    code, _, err = refusal(cli, 4, MODEL + TRAINING + ["--train-iters", "2",
+                                                       "--context-parallel-size", "2", *flags])
+    assert code == 2, err[-2000:]
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("folding megatron: error:") and named in lines[0]

@@ -17,7 +17,7 @@ import pytest
 
 from megatron_loop import (SCRIPT, checkpoint_tensors, largest_relative_difference,
                            largest_tensor_difference, launch, losses, needs_megatron_training,
-                           train)
+                           refusal, train)
 
 pytestmark = [pytest.mark.megatron]
 
@@ -192,12 +192,13 @@ def _flags(*flags):
     (["--folding-dispatcher", "--folding-replace-interval", "5", "--folding-replace-max-moved",
       "-0.1"], "--folding-replace-max-moved is a share of the slots in [0, 1], not -0.1"),
 ])
-def test_a_bad_re_placement_setting_is_refused_in_one_line_before_any_rank_starts(flags, named):
+def test_a_bad_re_placement_setting_is_refused_in_one_line_before_any_rank_starts(flags, named,
+                                                                                 cli):
     needs_megatron_training()
-    done = launch(4, _flags("--expert-model-parallel-size", "4", *flags))
-    assert done.returncode == 2, done.stderr[-2000:]
-    assert done.stderr.strip().splitlines() == [f"folding megatron: error: {named}"]
-    assert "iteration" not in done.stdout
+    code, out, err = refusal(cli, 4, _flags("--expert-model-parallel-size", "4", *flags))
+    assert code == 2, err[-2000:]
+    assert err.strip().splitlines() == [f"folding megatron: error: {named}"]
+    assert "iteration" not in out
 
 
 @pytest.mark.parametrize("flags, named", [
