@@ -48,13 +48,15 @@ ci: test test-mcore019
 # The "Done when" cases too slow for CI on 2 cores: Megatron's training loop on 8 CPU ranks and
 # with every CP comm type, the whole context-parallel verify matrix, expert re-placement during
 # training (exact, resumed, 60 steps, paying against the contiguous layout) in folding train and
-# in Megatron's loop with the distributed optimizer, and the planner's leave-one-out calibration.
+# in Megatron's loop with the distributed optimizer, the planner's leave-one-out calibration, and
+# folding train's resume at full length (20 + 20 steps under four foldings).
 test-long: $(VENV)/.installed $(VENV19)/.installed
 	FOLDING_LONG_TESTS=1 $(VENV19)/bin/python -m pytest -q tests/test_megatron_loop.py -k "8_ranks or context_parallel_trains" $(PYTEST_ARGS)
 	FOLDING_LONG_TESTS=1 $(VENV19)/bin/python -m pytest -q tests/test_verify_context_parallel.py $(PYTEST_ARGS)
 	FOLDING_LONG_TESTS=1 $(VENV19)/bin/python -m pytest -q tests/test_replacement.py -k "sixty_steps or exactly_and_resumes or pays_against" $(PYTEST_ARGS)
 	FOLDING_LONG_TESTS=1 $(VENV19)/bin/python -m pytest -q tests/test_megatron_replacement.py $(PYTEST_ARGS)
 	FOLDING_LONG_TESTS=1 $(VENV)/bin/python -m pytest -q tests/test_calibrate.py $(PYTEST_ARGS)
+	FOLDING_LONG_TESTS=1 $(VENV)/bin/python -m pytest -q tests/test_train.py -k twenty_steps $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(VENV19)
