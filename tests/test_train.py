@@ -23,6 +23,10 @@ pytestmark = [pytest.mark.megatron, pytest.mark.primary_only, pytest.mark.multip
               pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
+def relative_differences(resumed, reference):
+    return [abs(a - b) / b for a, b in zip(resumed, reference)]
+
+
 def folding_train(*argv, env=None):
     proc = subprocess.run([sys.executable, "-m", "folding", "train", *argv, "--json"],
                           capture_output=True, text=True, env=env)
@@ -64,7 +68,7 @@ def test_resume_same_folding_is_bit_identical(runs):
 def test_resume_under_another_folding(runs, second):
     reference = runs["whole"]["losses"][10:]
     resumed = runs[second]["losses"]
-    rel = [abs(a - b) / b for a, b in zip(resumed, reference)]
+    rel = relative_differences(resumed, reference)
     # Re-sharded, the same function from the same state: within folding verify's loss tolerance
     # while every token routes as before (measured: at most 6e-8, rounding of another reduction
     # order). A near-tie that routes one token to another expert moves the loss by more from
@@ -90,7 +94,7 @@ def test_twenty_steps_resume_for_twenty_more_under_any_folding(tmp_path):
     for name, flags in {"TP1 EP8": ["--tp", "1", "--ep", "8"], "TP2 PP2 EP4": ["--pp", "2"],
                         "TP4 ETP2 EP2": ["--tp", "4", "--etp", "2", "--ep", "2"]}.items():
         resumed = folding_train("--steps", "20", "--load", ckpt, *flags)["losses"]
-        rel = [abs(a - b) / b for a, b in zip(resumed, whole[20:])]
+        rel = relative_differences(resumed, whole[20:])
         print(f"{name}: resumed steps 21-40, relative loss differences {max(rel):.1e} at most")
         assert len(rel) == 20 and max(rel) <= LOSS_TOLERANCE, (name, rel)
 

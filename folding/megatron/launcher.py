@@ -315,8 +315,6 @@ def launch_local(script: str, argv: Sequence[str], nproc: int, cpu: bool, echo: 
         raise FoldingError(f"--nproc must be at least 1, got {nproc}")
     check_folding(script, with_cpu_flags(argv) if cpu else argv, nproc, cpu)
     port = free_port()
-    command = [sys.executable, "-m", "folding.cli", "megatron"] + (["--cpu"] if cpu else []) + \
-        ["--", script] + list(argv)
     run = LocalRun(world_size=nproc)
     procs, readers, tails = [], [], []
     for rank in range(nproc):
@@ -327,6 +325,7 @@ def launch_local(script: str, argv: Sequence[str], nproc: int, cpu: bool, echo: 
         if cpu:
             procs.append(_ForkedRank(script, argv, env))
         else:
+            command = [sys.executable, "-m", "folding.cli", "megatron", "--", script] + list(argv)
             procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, preexec_fn=_die_with_parent))
     # Readers start once every rank is forked: a fork copies only the thread that forks.
