@@ -36,6 +36,8 @@ def _count_one_layer(layer, hidden):
 
 
 def _waits_and_bf16(rank, world, foldings):
+    import torch.distributed as dist
+
     from folding.megatron.cpu_runtime import enable
     from folding.megatron.groups import destroy, initialize
     from folding.recipe import load_recipe
@@ -72,15 +74,25 @@ def _waits_and_bf16(rank, world, foldings):
         x = torch.randn(32, 2, 128, generator=g)
         expected = reference(x.double())[0].detach()
         errors = {}
+        batches = []  # the relay's point-to-point exchanges in the folded forward
+        original = dist.batch_isend_irecv
         for name, layer in zip(("megatron", "folded"), low):
-            got = layer(x.bfloat16())[0].detach().double()
+            if name == "folded":
+                dist.batch_isend_irecv = lambda ops: batches.append(len(ops)) or original(ops)
+            try:
+                got = layer(x.bfloat16())[0].detach().double()
+            finally:
+                dist.batch_isend_irecv = original
             errors[name] = float((got - expected).norm() / expected.norm())
-        out.append({"waits": waits, "bf16": errors})
+        out.append({"waits": waits, "bf16": errors, "relayed": low[1].token_dispatcher.node_dedup,
+                    "peer_exchanges": len(batches)})
         destroy()
     return out
 
 
-FOLDINGS = [dict(tp=2, ep=2, etp=2), dict(tp=1, ep=4), dict(tp=2, ep=4, etp=1)]
+# The last spans two nodes of 2 ranks: its dispatch relays (node-level deduplication).
+FOLDINGS = [dict(tp=2, ep=2, etp=2), dict(tp=1, ep=4), dict(tp=2, ep=4, etp=1),
+            dict(tp=1, ep=4, gpus_per_node=2)]
 
 
 @pytest.fixture(scope="module")
@@ -125,11 +137,22 @@ def test_bf16_error_with_ep_is_within_one_rounding_of_megatrons(measured, index)
     """Megatron's CPU unpermute sums a token's expert outputs in fp32 and rounds once; the folded
     dispatcher sums in fp32 too, but a rank hosting several of a token's experts sends their sum
     back in bf16, which rounds once more. Seen: at most 1.7% above Megatron's total error,
-    which the experts' own bf16 arithmetic dominates."""
+    which the experts' own bf16 arithmetic dominates. A relayed dispatch rounds once more where
+    the gateway sends its node's sum home (seen: 3.0% above)."""
     for rank in measured["ep>1"]:
         errors = rank[index]["bf16"]
+        bound = 1.06 if rank[index]["relayed"] else 1.03
         assert 0 < errors["megatron"] < 0.05, errors
-        assert errors["folded"] <= 1.03 * errors["megatron"], errors
+        assert errors["folded"] <= bound * errors["megatron"], errors
+
+
+@pytest.mark.multiprocess
+def test_a_relayed_bf16_dispatch_sends_rows_and_weights_together(measured):
+    """bf16 rows and their fp32 weights travel in one exchange per hop: two hops of dispatch and
+    two of combine, at most, on every rank (fewer where a rank has no peer in a hop)."""
+    relayed = [rank[-1] for rank in measured["ep>1"]]
+    assert all(r["relayed"] for r in relayed), relayed
+    assert max(r["peer_exchanges"] for r in relayed) == 4, relayed
 
 
 def test_the_counter_counts_what_makes_the_host_wait():

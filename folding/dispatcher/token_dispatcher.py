@@ -14,7 +14,7 @@ the same collectives as Megatron's alltoall dispatcher, through Megatron's own a
 mappings, so it runs on NCCL and on gloo (with the CPU runtime) unchanged. With node-level
 deduplication the two hops of the relay (to one rank of each remote node and to the ranks of
 this node; inside the node) each have few peers, so they run point to point with those peers
-only (``peer_exchange``). Token dropping happens in Megatron's router before dispatch, so
+only (``peer_exchange``), a 16-bit hop's rows and fp32 weights in one exchange. Token dropping happens in Megatron's router before dispatch, so
 capacity, drop policies and padding behave exactly as with Megatron's dispatchers.
 
 Host waits: the plan is made on the data's device (``send_plan``), and the sizes the host must
@@ -234,8 +234,9 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
         return messages[0].split([hidden_width, messages[0].shape[1] - hidden_width], dim=1)
 
     def _exchange(self, messages: list, output_splits, input_splits, gather_tp: bool) -> list:
-        """Each message through one all-to-all (and, ``gather_tp``, the ETP all-gather)."""
-        messages = [self._all_to_all(m, output_splits, input_splits) for m in messages]
+        """Each message through one all-to-all (relaying, all of them in one point-to-point
+        exchange) and, ``gather_tp``, the ETP all-gather."""
+        messages = self._all_to_all(messages, output_splits, input_splits)
         if gather_tp and self.tp_size > 1:
             from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
@@ -299,22 +300,23 @@ class FoldedTokenDispatcher(MoETokenDispatcher):
         return out.to(hidden_states.dtype)
 
     def token_combine(self, hidden_states: torch.Tensor, *args, **kwargs):
-        out = self._all_to_all(hidden_states, self.input_splits, self.output_splits)
+        [out] = self._all_to_all([hidden_states], self.input_splits, self.output_splits)
         if self.node_dedup:
             # Each first-hop row's sum over the ranks it was forwarded to, sent home once.
             out = _sum_rows(out, self.relay_source, self.relayed_rows).to(hidden_states.dtype)
-            out = self._all_to_all(out, self.relay_input_splits, self.relay_output_splits)
+            [out] = self._all_to_all([out], self.relay_input_splits, self.relay_output_splits)
         return out
 
-    def _all_to_all(self, tensor: torch.Tensor, output_splits, input_splits) -> torch.Tensor:
-        """Rows over the EP group, with autograd: Megatron's all-to-all, or, relaying, point to
-        point with the peers that have rows (each hop of a relay has few: ``peer_exchange``)."""
+    def _all_to_all(self, tensors: list, output_splits, input_splits) -> list:
+        """Rows of each tensor over the EP group, with autograd: Megatron's all-to-all, one per
+        tensor, or, relaying, one point-to-point exchange for all of them with the peers that
+        have rows (each hop of a relay has few: ``peer_exchange``)."""
         if self.node_dedup:
-            return peer_all_to_all(tensor, output_splits, input_splits, self.ep_global_ranks,
+            return peer_all_to_all(tensors, output_splits, input_splits, self.ep_global_ranks,
                                    self.ep_rank)
         from megatron.core.tensor_parallel import all_to_all
 
-        return all_to_all(self.ep_group, tensor, output_splits, input_splits)
+        return [all_to_all(self.ep_group, t, output_splits, input_splits) for t in tensors]
 
     def combine_postprocess(self, hidden_states: torch.Tensor):
         tokens = self.hidden_shape.numel() // self.hidden_shape[-1]
