@@ -14,8 +14,9 @@ the same collectives as Megatron's alltoall dispatcher, through Megatron's own a
 mappings, so it runs on NCCL and on gloo (with the CPU runtime) unchanged. With node-level
 deduplication the two hops of the relay (to one rank of each remote node and to the ranks of
 this node; inside the node) each have few peers, so they run point to point with those peers
-only (``peer_exchange``), a 16-bit hop's rows and fp32 weights in one exchange. Token dropping happens in Megatron's router before dispatch, so
-capacity, drop policies and padding behave exactly as with Megatron's dispatchers.
+only (``peer_exchange``), a 16-bit hop's rows and fp32 weights in one exchange. Token dropping
+happens in Megatron's router before dispatch, so capacity, drop policies and padding behave
+exactly as with Megatron's dispatchers.
 
 Host waits: the plan is made on the data's device (``send_plan``), and the sizes the host must
 know (rows per destination, rows and pairs received, the ETP peers' rows) travel as one small
