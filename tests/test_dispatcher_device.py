@@ -36,12 +36,11 @@ def _count_one_layer(layer, hidden):
 
 
 def _waits_and_bf16(rank, world, foldings):
-    import torch.distributed as dist
-
     from folding.megatron.cpu_runtime import enable
     from folding.megatron.groups import destroy, initialize
     from folding.recipe import load_recipe
-    from folding.testing.dispatcher_harness import copy_weights, forced_routing
+    from folding.testing.dispatcher_harness import (copy_weights, counting_peer_exchanges,
+                                                    forced_routing)
 
     enable()
     out = []
@@ -74,15 +73,9 @@ def _waits_and_bf16(rank, world, foldings):
         x = torch.randn(32, 2, 128, generator=g)
         expected = reference(x.double())[0].detach()
         errors = {}
-        batches = []  # the relay's point-to-point exchanges in the folded forward
-        original = dist.batch_isend_irecv
         for name, layer in zip(("megatron", "folded"), low):
-            if name == "folded":
-                dist.batch_isend_irecv = lambda ops: batches.append(len(ops)) or original(ops)
-            try:
+            with counting_peer_exchanges() as batches:  # kept: the folded layer runs last
                 got = layer(x.bfloat16())[0].detach().double()
-            finally:
-                dist.batch_isend_irecv = original
             errors[name] = float((got - expected).norm() / expected.norm())
         out.append({"waits": waits, "bf16": errors, "relayed": low[1].token_dispatcher.node_dedup,
                     "peer_exchanges": len(batches)})

@@ -37,23 +37,19 @@ def _exchange_two(rank, world):
     import torch.distributed as dist
 
     from folding.dispatcher.peer_exchange import peer_all_to_all
+    from folding.testing.dispatcher_harness import counting_peer_exchanges
 
     g = torch.Generator().manual_seed(rank)
     input_splits = SPLITS[rank]
     output_splits = [SPLITS[source][rank] for source in range(world)]
     rows = torch.randn(sum(input_splits), 3, generator=g).bfloat16().requires_grad_(True)
     weights = torch.randn(sum(input_splits), 2, generator=g, requires_grad=True)
-    batches = []
-    original = dist.batch_isend_irecv
-    dist.batch_isend_irecv = lambda ops: batches.append(len(ops)) or original(ops)
-    try:
+    with counting_peer_exchanges() as batches:
         out_rows, out_weights = peer_all_to_all([rows, weights], output_splits, input_splits,
                                                 list(range(world)), rank)
         upstream = [torch.randn(out_rows.shape, generator=g).bfloat16(),
                     torch.randn(out_weights.shape, generator=g)]
         ((out_rows * upstream[0]).sum() + (out_weights * upstream[1]).sum()).backward()
-    finally:
-        dist.batch_isend_irecv = original
     equal = []
     for sent, got, up in zip((rows, weights), (out_rows, out_weights), upstream):
         expected = sent.new_empty(got.shape)

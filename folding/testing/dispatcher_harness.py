@@ -9,8 +9,11 @@ set, as the router would. Used by the equivalence tests and by tools/bench_dispa
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
+from typing import Iterator, List
+
 import torch
 
 from folding.megatron.model import (MoERouting, gpt_layer_spec, identity_placement,
@@ -109,3 +112,23 @@ def run_layer(layer, hidden: torch.Tensor, grad_output: torch.Tensor) -> LayerRu
              for p in layer.experts.parameters()]
     layer.zero_grad(set_to_none=True)
     return LayerRun(out.detach(), x.grad.detach(), grads, timed["s"])
+
+
+@contextlib.contextmanager
+def counting_peer_exchanges() -> Iterator[List[int]]:
+    """The batches of point-to-point operations posted inside the block (a relay's hops), as a
+    list of their sizes: one entry per synchronized exchange."""
+    import torch.distributed as dist
+
+    batches: List[int] = []
+    original = dist.batch_isend_irecv
+
+    def counted(ops):
+        batches.append(len(ops))
+        return original(ops)
+
+    dist.batch_isend_irecv = counted
+    try:
+        yield batches
+    finally:
+        dist.batch_isend_irecv = original
